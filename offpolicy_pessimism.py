@@ -1,0 +1,854 @@
+"""Off-policy RL for LLM reasoning, in one file: a lagged generator, a reward checker, seven losses.
+
+At scale, rollouts come from a *lagged* copy of the policy (the generator `mu`), so learning is
+off-policy. This script reproduces that setting on one GPU or a laptop CPU and compares the two
+families of objectives discussed in arXiv 2605.28150 ("Off-Policy Learning to Reason Works Because
+It Is More Pessimistic Than You Think"):
+
+* importance-weighted policy gradients (`ppo`, `tis`) and ratio-free REINFORCE (`reinforce`);
+* ratio-free squared-loss regression of `beta * log(pi/mu)` on an advantage (eq. 1), whose
+  stationary target is a Lambert-W-tempered version of `mu * exp(A/beta)` (eq. 2): `oapl`, `apo`,
+  `pmd`, and the paper's beta-shifted-mean advantage `shifted` (the default).
+
+The file reads in the order the data flows: config, task and reward checker, model, lagged
+generator, advantages, losses, diagnostics, training loop, main. Every loss is a pure function with
+its equation in the docstring; equation numbers refer to PAPER.md's notation (eq. 1 the regression,
+eq. 2 the Lambert-W target).
+
+Run `python offpolicy_pessimism.py` for the offline default: a built-in 2-digit addition task and a
+tiny character-level Llama that the script builds and warm-starts itself (cached under `--out`).
+`--model NAME_OR_PATH` loads any Hugging Face causal LM instead. Left out on purpose: distributed
+training, vLLM, KL-to-reference penalties, learning-rate schedules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+LOSSES = ("ppo", "tis", "reinforce", "oapl", "apo", "pmd", "shifted")
+BUILTIN_WARM_START_STEPS = 600  # supervised steps that bring the tiny model to about 55% accuracy
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: every field is a command-line flag (`--prompts-per-step` for `prompts_per_step`).
+# ----------------------------------------------------------------------------------------------
+def flag(default, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    loss: str = flag("shifted", "objective (PAPER.md section 5); shifted is the paper's proposal", choices=LOSSES)
+    lag: int = flag(16, "optimizer steps between generator refreshes (1 = on-policy)")
+    steps: int = flag(300, "optimizer steps of RL")
+    prompts_per_step: int = flag(16, "prompts per batch")
+    group_size: int = flag(8, "completions sampled per prompt (G)")
+    max_new_tokens: int = flag(6, "longest completion, in tokens")
+    temperature: float = flag(1.0, "sampling temperature; log-probs use the same one")
+    beta: float = flag(0.1, "regression temperature beta of eq. 1")
+    beta_value: float = flag(0.2, "value temperature beta_v of the OAPL / A*-PO soft-value baseline")
+    shift: float = flag(1.0, "shifted: A = r - mean + shift * beta")
+    delta: float = flag(0.1, "reinforce (AsymRE): A = r - mean + delta, a baseline below the mean")
+    clip_eps: float = flag(0.2, "ppo: clip the ratio to [1 - eps, 1 + eps]")
+    is_cap: float = flag(2.0, "tis: truncate the importance ratio at this value")
+    length_normalize: bool = flag(False, "divide sequence log-probs by the completion length")
+    lr: float = flag(1e-4, "AdamW learning rate")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this value")
+    seed: int = flag(1, "seed for prompts and sampling")
+    model: str = flag("", "Hugging Face causal LM name or path (empty: the built-in tiny model)")
+    warm_start_steps: int = flag(-1, f"supervised steps on correct answers before RL (-1: {BUILTIN_WARM_START_STEPS} built-in, 0 with --model)")
+    eval_size: int = flag(200, "held-out problems for greedy accuracy")
+    eval_every: int = flag(25, "evaluate (and checkpoint) every N steps")
+    out: str = flag("runs", "folder for run sub-folders and the cached warm start")
+    device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line before any work starts."""
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(name, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg: Config) -> None:
+    """Raise UsageError for any setting that cannot work, before anything is loaded or built."""
+    at_least = {"lag": 1, "steps": 1, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 1,
+                "eval_size": 1, "eval_every": 1, "warm_start_steps": -1}
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
+    for name in ("temperature", "beta", "beta_value", "is_cap", "lr", "grad_clip"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0 < cfg.clip_eps < 1:
+        raise UsageError(f"--clip-eps must be in (0, 1), got {cfg.clip_eps}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if cfg.model and not os.path.isdir(cfg.model) and cfg.model.startswith((".", "/", "~")):
+        raise UsageError(f"--model {cfg.model}: no such directory; give a saved model folder or a hub name")
+    run_dir = run_folder(cfg)
+    has_checkpoint = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+    if cfg.resume and not has_checkpoint:
+        raise UsageError(f"--resume: no checkpoint in {run_dir}; run once without --resume first")
+    if not cfg.resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, or delete the folder")
+
+
+def run_folder(cfg: Config) -> str:
+    """One folder per setting: the budget (steps, eval cadence), device and resume flag are not part of it."""
+    budget = {"steps", "eval_every", "out", "device", "resume"}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in budget}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+    return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Task and reward checker: addition, and a checker that parses (never executes) answers.
+# ----------------------------------------------------------------------------------------------
+def arithmetic_problems(eval_size: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """All 3000 `a+b=` with a < 100 and b < 30, split into (train, held-out eval) with a fixed seed."""
+    problems = [(f"{a}+{b}=", str(a + b)) for a in range(100) for b in range(30)]
+    random.Random(0).shuffle(problems)
+    return problems[eval_size:], problems[:eval_size]
+
+
+MAX_CHECKED_CHARS = 100_000  # longer completions are not parsed: reward 0
+MAX_ANSWER_DIGITS = 64
+_FINAL_MARK = re.compile(r"####\s*([-+]?[0-9][0-9,]*(?:\.[0-9]+)?)")
+_BOXED = re.compile(r"\\boxed\{\s*([-+]?[0-9][0-9,]*(?:\.[0-9]+)?)\s*\}")
+_NUMBER = re.compile(r"[-+]?[0-9][0-9,]*(?:\.[0-9]+)?")  # ASCII digits only: unicode digits never count
+
+
+def parse_number(text: str) -> Fraction | None:
+    """'1,234' -> 1234, '-0.50' -> -1/2; None for anything else (or over MAX_ANSWER_DIGITS digits)."""
+    text = text.strip().replace(",", "")
+    if not text or sum(ch.isdigit() for ch in text) > MAX_ANSWER_DIGITS:
+        return None
+    if not re.fullmatch(r"[-+]?[0-9]+(?:\.[0-9]+)?", text):
+        return None
+    return Fraction(text)
+
+
+def extract_answer(completion: str) -> Fraction | None:
+    """The final answer: the last `#### n`, else the last `\\boxed{n}`, else the last number."""
+    if not completion or len(completion) > MAX_CHECKED_CHARS:
+        return None
+    for pattern in (_FINAL_MARK, _BOXED, _NUMBER):
+        matches = pattern.findall(completion)
+        if matches:
+            return parse_number(matches[-1])
+    return None
+
+
+def reward(completion: str, answer: str) -> float:
+    """1.0 when the completion's final answer equals the reference answer exactly, else 0.0."""
+    predicted = extract_answer(completion)
+    return float(predicted is not None and predicted == parse_number(answer))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a tiny character-level Llama built in code and warm-started, or any HF causal LM.
+# ----------------------------------------------------------------------------------------------
+def build_char_tokenizer():
+    """A character-level tokenizer for the arithmetic task, as a real `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # installed with transformers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for ch in "0123456789+-=#., ":
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    """A 4-layer, 64-wide Llama (about 0.26M parameters) initialised with a fixed seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def builtin_model():
+    tokenizer = build_char_tokenizer()
+    return build_tiny_model(tokenizer), tokenizer
+
+
+def load_pretrained(name_or_path: str):
+    """Any HF causal LM and its tokenizer through `from_pretrained`; a pad token is added if missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--model {name_or_path}: could not load it ({first_line})") from None
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"--model {name_or_path}: its tokenizer has no EOS token, which ends completions")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # masks come from lengths, so pad == EOS is safe
+    return model, tokenizer
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    return [tokenizer(p).input_ids for p in prompts]
+
+
+def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int = 64, lr: float = 3e-3) -> None:
+    """Supervised fine-tuning on `prompt + answer + EOS`, the loss on answer tokens only (seed 0)."""
+    rng = random.Random(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in tqdm(range(steps), desc="warm start", leave=False):
+        batch = rng.sample(problems, batch_size)
+        prompt_ids = encode_prompts(tokenizer, [p for p, _ in batch])
+        answer_ids = [tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for _, a in batch]
+        width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+            input_ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[row, len(p): len(p) + len(a)] = torch.tensor(a)
+        attention_mask = (labels != -100) | (torch.arange(width) < torch.tensor([len(p) for p in prompt_ids])[:, None])
+        loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                     labels=labels.to(device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def load_model(cfg: Config, train_problems, device):
+    """The policy at the start of RL (also the A*-PO reference), warm-started once and cached in --out."""
+    steps = cfg.warm_start_steps if cfg.warm_start_steps >= 0 else (0 if cfg.model else BUILTIN_WARM_START_STEPS)
+    source = cfg.model or "builtin-tiny-llama"
+    if steps == 0:
+        model, tokenizer = load_pretrained(cfg.model) if cfg.model else builtin_model()
+        return model, tokenizer, source
+    tag = hashlib.sha1(f"{os.path.abspath(cfg.model) if cfg.model else source}|{steps}".encode()).hexdigest()[:8]
+    cache_dir = os.path.join(cfg.out, f"warmstart_{tag}")
+    if os.path.isdir(cache_dir):
+        model, tokenizer = load_pretrained(cache_dir)
+        return model, tokenizer, cache_dir
+    model, tokenizer = load_pretrained(cfg.model) if cfg.model else builtin_model()
+    model.to(device)
+    started = time.time()
+    warm_start(model, tokenizer, train_problems, steps, device)
+    tmp_dir = cache_dir + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    model.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    os.replace(tmp_dir, cache_dir)  # atomic: a half-written warm start is never picked up
+    tqdm.write(f"warm start: {steps} supervised steps in {time.time() - started:.0f}s, cached in {cache_dir}")
+    return model, tokenizer, cache_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Lagged generator: a frozen copy of the policy that samples groups and records behaviour log-probs.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """A batch of completions, prompt-major: row `i * G + j` is completion j of prompt i."""
+    prompt_ids: torch.Tensor       # (N, P) left-padded
+    prompt_mask: torch.Tensor      # (N, P) bool
+    completion_ids: torch.Tensor   # (N, T) pad after the first EOS
+    completion_mask: torch.Tensor  # (N, T) bool: True up to and including the first EOS
+    behavior_logp: torch.Tensor    # (N, T) fp32 log mu(y_t | x, y_<t) under the sampling temperature
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (N, max_len), real tokens at the right end of each row."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = True
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row starts at position 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _cache_kwarg(model) -> str:
+    """The KV-cache argument's name: `cache` in recent transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                       eos_id: int, pad_id: int, rng: torch.Generator | None) -> Rollout:
+    """Sample one completion per prompt row with the KV cache; temperature 0 means greedy.
+
+    behavior_logp[t] = log_softmax(logits_t / temperature)[y_t], in fp32: exactly the distribution
+    the token was drawn from, so `policy_logp - behavior_logp` is the true per-token log-ratio.
+    """
+    with torch.inference_mode():
+        rollout = _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng)
+    return Rollout(*(tensor.clone() for tensor in dataclasses.astuple(rollout)))  # usable by autograd
+
+
+def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng) -> Rollout:
+    device = next(model.parameters()).device
+    prompt, prompt_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
+    rows = prompt.shape[0]
+    cache_kw = _cache_kwarg(model)
+    attention_mask = prompt_mask.long()
+    out = model(input_ids=prompt, attention_mask=attention_mask, position_ids=position_ids(prompt_mask),
+                use_cache=True)
+    next_position = position_ids(prompt_mask)[:, -1:] + 1
+    tokens, logps = [], []
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if temperature > 0:
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            token = torch.multinomial(logp.exp(), 1, generator=rng).squeeze(-1)
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            token = logits.argmax(-1)
+        token_logp = logp.gather(-1, token[:, None]).squeeze(-1)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logps.append(torch.where(finished, torch.zeros_like(token_logp), token_logp))
+        just_ended = (token == eos_id) & ~finished
+        lengths = torch.where(just_ended, torch.full_like(lengths, t + 1), lengths)
+        finished |= just_ended
+        if finished.all() or t == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    use_cache=True, **{cache_kw: getattr(out, cache_kw)})
+        next_position = next_position + 1
+    completion_ids = torch.stack(tokens, dim=1)
+    completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
+    behavior_logp = torch.stack(logps, dim=1) * completion_mask
+    return Rollout(prompt, prompt_mask, completion_ids, completion_mask, behavior_logp)
+
+
+def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
+                  temperature: float, rng: torch.Generator) -> Rollout:
+    """G completions per prompt from the (possibly stale) generator."""
+    prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts) for _ in range(group_size)]
+    return sample_completions(generator, prompt_ids, max_new_tokens, temperature, tokenizer.eos_token_id,
+                              tokenizer.pad_token_id, rng)
+
+
+@torch.no_grad()
+def refresh_generator(generator, policy) -> None:
+    """mu <- pi_theta, copying the weights in place (no new allocation)."""
+    for generator_tensor, policy_tensor in zip(generator.state_dict().values(), policy.state_dict().values()):
+        generator_tensor.copy_(policy_tensor)
+
+
+def frozen_copy(model):
+    import copy
+
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def completion_logprobs(model, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi(y_t | x, y_<t) (N, T) in fp32 with the graph, and the token entropy (N, T), detached."""
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids(mask)).logits
+    logits = logits[:, rollout.prompt_ids.shape[1] - 1: -1].float() / temperature  # (N, T, V) predicts y_t
+    logp = torch.log_softmax(logits, dim=-1)
+    token_logp = logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1) * rollout.completion_mask
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1) * rollout.completion_mask
+    return token_logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages: one small function per baseline. rewards: (groups, G); outputs broadcast to it.
+# ----------------------------------------------------------------------------------------------
+def group_mean(rewards: torch.Tensor) -> torch.Tensor:
+    return rewards.mean(-1, keepdim=True)
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """A_group = (r - mean) / (std + eps), the GRPO advantage (population std over the group)."""
+    return (rewards - group_mean(rewards)) / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
+
+
+def soft_value(rewards: torch.Tensor, beta_value: float) -> torch.Tensor:
+    """V = beta_v * log mean_j exp(r_j / beta_v): the mean as beta_v -> inf, the max as beta_v -> 0."""
+    return beta_value * (torch.logsumexp(rewards / beta_value, -1, keepdim=True) - math.log(rewards.shape[-1]))
+
+
+def shifted_mean_advantages(rewards: torch.Tensor, beta: float, shift: float = 1.0) -> torch.Tensor:
+    """A = r - (mean - shift * beta): the paper's beta-shifted mean (our reading, PAPER.md section 4)."""
+    return rewards - group_mean(rewards) + shift * beta
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (PAPER.md section 5). Token tensors are (N, T) with N = groups * G, prompt-major;
+# rewards are (groups, G). Each returns (scalar loss, diagnostics); diagnostics["advantages"] is
+# the (groups, G) advantage the loss used, for the regime diagnostics.
+# ----------------------------------------------------------------------------------------------
+def sequence_sum(token_values: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
+    """sum_t over the completion (N,), or the mean over its tokens with length_normalize."""
+    total = (token_values * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if length_normalize else total
+
+
+def squared_regression(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float) -> torch.Tensor:
+    """eq. 1: mean over samples of (beta * log_ratio(y) - A(x, y))^2; both (groups, G)."""
+    return ((beta * log_ratio - advantages) ** 2).mean()
+
+
+def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each completion's tokens, then over completions."""
+    return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def ppo_loss(policy_logp, behavior_logp, completion_mask, rewards, clip_eps: float = 0.2):
+    """PPO/GRPO clip against the generator, no KL term:
+    L = -mean_t min(ratio_t * A_group, clip(ratio_t, 1 - eps, 1 + eps) * A_group),
+    ratio_t = exp(log pi(y_t) - log mu(y_t)), A_group = (r - mean) / (std + eps).
+    """
+    advantages = grpo_advantages(rewards)
+    token_advantage = advantages.reshape(-1, 1)  # (N, 1)
+    ratio = torch.exp((policy_logp - behavior_logp).clamp(-20, 20))
+    objective = torch.minimum(ratio * token_advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * token_advantage)
+    loss = -_token_mean(objective, completion_mask)
+    return loss, {**_ratio_stats(ratio, completion_mask, (ratio - 1).abs() > clip_eps), "advantages": advantages}
+
+
+def tis_loss(policy_logp, behavior_logp, completion_mask, rewards, is_cap: float = 2.0):
+    """Truncated importance-sampling policy gradient:
+    L = -mean_t stopgrad(min(ratio_t, C)) * A_group * log pi(y_t).
+    """
+    advantages = grpo_advantages(rewards)
+    ratio = torch.exp((policy_logp - behavior_logp).clamp(-20, 20)).detach()
+    weight = ratio.clamp(max=is_cap)
+    loss = -_token_mean(weight * advantages.reshape(-1, 1) * policy_logp, completion_mask)
+    return loss, {**_ratio_stats(ratio, completion_mask, ratio > is_cap), "advantages": advantages}
+
+
+def reinforce_loss(policy_logp, completion_mask, rewards, delta: float = 0.1, length_normalize: bool = False):
+    """Ratio-free off-policy REINFORCE with a baseline below the mean (AsymRE, arXiv 2506.20520):
+    L = -mean_y (r - mean + delta) * sum_t log pi(y_t).
+    """
+    advantages = rewards - group_mean(rewards) + delta
+    sequence_logp = sequence_sum(policy_logp, completion_mask, length_normalize).view_as(rewards)
+    return -(advantages * sequence_logp).mean(), {"advantages": advantages}
+
+
+def oapl_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, beta_value: float,
+              length_normalize: bool = False):
+    """OAPL (arXiv 2602.19362), eq. 1 anchored on the generator with a soft-value baseline:
+    L = mean (beta * log(pi/mu)(y) - (r - beta_v log mean_j exp(r_j / beta_v)))^2.
+    beta_v > beta: pessimistic regime; = beta: boundary; < beta: negative regime (PAPER.md section 3).
+    """
+    advantages = rewards - soft_value(rewards, beta_value)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
+
+
+def apo_loss(policy_logp, ref_logp, completion_mask, rewards, ref_value, beta: float,
+             length_normalize: bool = False):
+    """A*-PO (arXiv 2505.20686), eq. 1 anchored on the reference policy:
+    L = mean (beta * log(pi/pi_ref)(y) - (r - V_ref))^2, with V_ref = beta_v log mean exp(r/beta_v)
+    estimated once per prompt from pi_ref's own samples; ref_value: (groups, 1).
+    """
+    advantages = rewards - ref_value
+    log_ratio = sequence_sum(policy_logp - ref_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
+
+
+def pmd_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, length_normalize: bool = False):
+    """PMD-mean / Kimi k1.5 squared loss (arXiv 2602.05933), eq. 1 with the group-mean baseline:
+    L = mean (beta * log(pi/mu)(y) - (r - mean_j r_j))^2. Never in the negative regime (Jensen).
+    """
+    advantages = rewards - group_mean(rewards)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
+
+
+def shifted_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, shift: float = 1.0,
+                 length_normalize: bool = False):
+    """The paper's proposal, eq. 1 with the beta-shifted-mean advantage:
+    L = mean (beta * log(pi/mu)(y) - (r - mean_j r_j + shift * beta))^2.
+    E_mu exp(A/beta) >= e^shift > 1, so every group is strictly in the pessimistic regime.
+    """
+    advantages = shifted_mean_advantages(rewards, beta, shift)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
+
+
+def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor) -> dict:
+    ratio, clipped = ratio.detach()[mask], clipped[mask]
+    return {"ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(),
+            "clip_fraction": clipped.float().mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics: the Lambert-W induced target (eq. 2), its regime, and mass leakage.
+# ----------------------------------------------------------------------------------------------
+def lambert_w0(z: torch.Tensor, max_iterations: int = 50) -> torch.Tensor:
+    """Principal branch W0(z) for z >= -1/e (W0(z) * exp(W0(z)) = z), by Halley's method in float64."""
+    z = z.double()
+    branch_gap = (2 * (math.e * z + 1)).clamp(min=0).sqrt()
+    near_branch = -1 + branch_gap - branch_gap ** 2 / 3 + 11 / 72 * branch_gap ** 3
+    big = torch.log(z.clamp(min=3)) - torch.log(torch.log(z.clamp(min=3)))
+    w = torch.where(z < -0.25, near_branch, torch.where(z > 3, big, torch.log1p(z.clamp(min=-0.25))))
+    for _ in range(max_iterations):
+        ew = torch.exp(w)
+        residual = w * ew - z
+        step = residual / (ew * (w + 1) - (w + 2) * residual / (2 * w + 2))
+        step = torch.where(torch.isfinite(step) & (w > -1), step, torch.zeros_like(step))
+        w = w - step
+        if not bool((step.abs() > 1e-15 * (1 + w.abs())).any()):  # Halley converges cubically
+            break
+    return torch.where(z <= -1 / math.e, torch.full_like(w, -1.0), w)
+
+
+def induced_target_c(advantages: torch.Tensor, beta: float, iterations: int = 100) -> torch.Tensor:
+    """Per group, the c of eq. 2 with mu uniform over the G samples: mean_i W0(c exp(A_i/beta)) / c = 1.
+
+    advantages: (groups, G). Returns (groups,) float64: c > 0 pessimistic, c = 0 boundary (when
+    log mean exp(A/beta) = 0 to 1e-9), c < 0 negative regime, NaN where no normalised target exists.
+    """
+    scaled = advantages.double() / beta
+    z = scaled.exp()
+    log_mean_z = torch.logsumexp(scaled, -1) - math.log(scaled.shape[-1])
+
+    def mass(c):  # mean_i W0(c z_i) / c, decreasing in c
+        return lambert_w0(c[:, None] * z).mean(-1) / c
+
+    positive, negative = log_mean_z > 1e-9, log_mean_z < -1e-9
+    c_min = -1 / (math.e * z.max(-1).values)  # W0 is defined down to -1/e
+    lo = torch.where(negative, c_min, torch.full_like(c_min, 1e-12))
+    hi = torch.where(negative, torch.full_like(c_min, -1e-12), torch.ones_like(c_min))
+    while bool((positive & (mass(hi) > 1)).any()):
+        hi = torch.where(positive & (mass(hi) > 1), hi * 2, hi)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        too_much = mass(mid) > 1
+        lo, hi = torch.where(too_much, mid, lo), torch.where(too_much, hi, mid)
+    c = (lo + hi) / 2
+    c = torch.where(negative & (mass(c_min) < 1), torch.full_like(c, float("nan")), c)
+    return torch.where(positive | negative, c, torch.zeros_like(c))
+
+
+def induced_target_ratio(advantages: torch.Tensor, beta: float, c: torch.Tensor) -> torch.Tensor:
+    """pi_c / mu per sample (groups, G), eq. 2: W0(c exp(A/beta)) / c, and exp(A/beta) where c = 0."""
+    z = (advantages.double() / beta).exp()
+    safe_c = torch.where(c == 0, torch.ones_like(c), c)[:, None]
+    return torch.where(c[:, None] == 0, z, lambert_w0(safe_c * z) / safe_c)
+
+
+def regime_diagnostics(advantages: torch.Tensor, rewards: torch.Tensor, beta: float) -> dict:
+    """Fractions of groups per regime, and P(correct) under mu, the nominal and the induced target."""
+    c = induced_target_c(advantages, beta)
+    nominal = torch.softmax(advantages.double() / beta, dim=-1)  # mu exp(A/beta) / Z on the empirical mu
+    solved = ~torch.isnan(c)
+    induced = induced_target_ratio(advantages[solved], beta, c[solved]) / advantages.shape[-1]
+    correct = rewards.double()
+    return {
+        "regime_positive": (c > 0).double().mean().item(),
+        "regime_boundary": (c == 0).double().mean().item(),
+        "regime_negative": ((c < 0) | ~solved).double().mean().item(),
+        "regime_no_target": (~solved).double().mean().item(),
+        "lambert_c_mean": c[solved].mean().item() if solved.any() else float("nan"),
+        "p_correct_generator": correct.mean().item(),
+        "p_correct_nominal": (nominal * correct).sum(-1).mean().item(),
+        "p_correct_induced": (induced * correct[solved]).sum(-1).mean().item() if solved.any() else float("nan"),
+    }
+
+
+def mass_leakage(policy_sequence_logp: torch.Tensor, behavior_sequence_logp: torch.Tensor,
+                 completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int) -> dict:
+    """sum_i pi(y_i) / sum_i mu(y_i) over each group's distinct completions, averaged over groups.
+
+    Below 1: the policy moved mass onto completions nobody sampled. Also the generator's own mass on
+    its distinct samples, which shows how much of mu a group of G samples covers.
+    """
+    ratios, covered = [], []
+    for start in range(0, completion_ids.shape[0], group_size):
+        distinct = {}
+        for row in range(start, start + group_size):
+            key = tuple(completion_ids[row][completion_mask[row]].tolist())
+            distinct.setdefault(key, row)
+        rows = torch.tensor(list(distinct.values()))
+        policy_mass = torch.logsumexp(policy_sequence_logp[rows].double(), 0)
+        generator_mass = torch.logsumexp(behavior_sequence_logp[rows].double(), 0)
+        ratios.append((policy_mass - generator_mass).exp().item())
+        covered.append(generator_mass.exp().item())
+    return {"mass_leakage": sum(ratios) / len(ratios), "generator_mass_sampled": sum(covered) / len(covered)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop: refresh the generator every `lag` steps, sample, score, update, log, checkpoint.
+# ----------------------------------------------------------------------------------------------
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
+
+
+def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
+    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+            for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+
+
+def score(tokenizer, rollout: Rollout, answers: list[str], group_size: int) -> torch.Tensor:
+    """Rewards (groups, G) for a rollout whose prompts were repeated G times, answers one per prompt."""
+    texts = completion_texts(tokenizer, rollout)
+    rewards = [reward(text, answers[row // group_size]) for row, text in enumerate(texts)]
+    return torch.tensor(rewards, device=rollout.completion_ids.device).view(-1, group_size)
+
+
+def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256) -> float:
+    """Greedy accuracy on held-out problems."""
+    correct = 0.0
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start:start + batch_size]
+        rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None)
+        correct += score(tokenizer, rollout, [a for _, a in batch], 1).sum().item()
+    return correct / len(problems)
+
+
+def reference_values(reference, tokenizer, batch, cache: dict, cfg: Config, rng: torch.Generator) -> torch.Tensor:
+    """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref, then cached."""
+    new = [(p, a) for p, a in dict(batch).items() if p not in cache]
+    if new:
+        rollout = sample_groups(reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
+                                cfg.temperature, rng)
+        values = soft_value(score(tokenizer, rollout, [a for _, a in new], cfg.group_size), cfg.beta_value)
+        cache.update({p: v for (p, _), v in zip(new, values.squeeze(-1).tolist())})
+    device = next(reference.parameters()).device
+    return torch.tensor([cache[p] for p, _ in batch], device=device)[:, None]
+
+
+def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=None, ref_value=None):
+    """Dispatch to the loss chosen by --loss with its hyper-parameters."""
+    behavior_logp, mask, norm = rollout.behavior_logp, rollout.completion_mask, cfg.length_normalize
+    if cfg.loss == "ppo":
+        return ppo_loss(policy_logp, behavior_logp, mask, rewards, cfg.clip_eps)
+    if cfg.loss == "tis":
+        return tis_loss(policy_logp, behavior_logp, mask, rewards, cfg.is_cap)
+    if cfg.loss == "reinforce":
+        return reinforce_loss(policy_logp, mask, rewards, cfg.delta, norm)
+    if cfg.loss == "oapl":
+        return oapl_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.beta_value, norm)
+    if cfg.loss == "apo":
+        return apo_loss(policy_logp, ref_logp, mask, rewards, ref_value, cfg.beta, norm)
+    if cfg.loss == "pmd":
+        return pmd_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
+    return shifted_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.shift, norm)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write then rename, so a crash mid-write never replaces the last good checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def append_metrics(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train(cfg: Config) -> dict:
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    run_dir = run_folder(cfg)
+    metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoint.pt")
+    train_problems, eval_problems = arithmetic_problems(cfg.eval_size)
+    policy, tokenizer, source = load_model(cfg, train_problems, device)
+    policy.to(device).eval()  # no dropout: the generator and the policy must compute the same log-probs
+    generator = frozen_copy(policy)                                     # mu, refreshed every `lag` steps
+    reference = frozen_copy(policy) if cfg.loss == "apo" else None      # pi_ref, the policy as RL started
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
+    ref_values: dict[str, float] = {}
+    os.makedirs(run_dir, exist_ok=True)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(checkpoint_path, {
+            "step": step, "policy": policy.state_dict(), "generator": generator.state_dict(),
+            "optimizer": optimizer.state_dict(), "prompt_rng": prompt_rng.getstate(),
+            "sample_rng": sample_rng.get_state(), "ref_values": ref_values, "totals": totals})
+
+    totals = {"seconds": 0.0, "rollout_seconds": 0.0, "rollout_tokens": 0}
+    if cfg.resume:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        policy.load_state_dict(state["policy"])
+        generator.load_state_dict(state["generator"])
+        optimizer.load_state_dict(state["optimizer"])
+        prompt_rng.setstate(state["prompt_rng"])
+        sample_rng.set_state(state["sample_rng"])
+        ref_values, totals, start_step = state["ref_values"], state["totals"], state["step"]
+        kept = [m for m in read_metrics(metrics_path) if m["step"] <= start_step]  # drop steps after it
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        tqdm.write(f"resuming {run_dir} at step {start_step}")
+    else:
+        start_step = 0
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(cfg), "model_source": source, "device": str(device)}, f, indent=1)
+        append_metrics(metrics_path, {"step": 0, "eval_accuracy": evaluate(policy, tokenizer, eval_problems,
+                                                                           cfg.max_new_tokens)})
+        checkpoint(0)
+    history = read_metrics(metrics_path)
+    evals = [m["eval_accuracy"] for m in history if "eval_accuracy" in m]
+    warm_start_accuracy = evals[0]
+
+    started = time.time() - totals["seconds"]
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run_dir), initial=start_step,
+               total=cfg.steps, dynamic_ncols=True)
+    for step in bar:
+        # 1. the generator: refreshed from the policy every `lag` steps, stale in between
+        staleness = (step - 1) % cfg.lag
+        if staleness == 0:
+            refresh_generator(generator, policy)
+        batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
+        tick = time.time()
+        rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
+                                cfg.temperature, sample_rng)
+        rollout_seconds = time.time() - tick
+        rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size)  # (groups, G)
+
+        # 2. the update
+        tick = time.time()
+        policy_logp, entropy = completion_logprobs(policy, rollout, cfg.temperature)
+        ref_logp = ref_value = None
+        if reference is not None:
+            ref_value = reference_values(reference, tokenizer, batch, ref_values, cfg, sample_rng)
+            with torch.no_grad():
+                ref_logp, _ = completion_logprobs(reference, rollout, cfg.temperature)
+        loss, diagnostics = compute_loss(cfg, policy_logp, rollout, rewards, ref_logp, ref_value)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss.item()} at step {step}; the last good checkpoint stays in "
+                                   f"{checkpoint_path}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm is {grad_norm.item()} at step {step}; the last good checkpoint "
+                                   f"stays in {checkpoint_path}")
+        optimizer.step()
+        update_seconds = time.time() - tick
+
+        # 3. diagnostics, on the batch as the policy saw it before this update
+        mask = rollout.completion_mask
+        advantages = diagnostics.pop("advantages").detach()
+        policy_sequence_logp = sequence_sum(policy_logp.detach(), mask)
+        behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)
+        token_log_ratio = (policy_logp.detach() - rollout.behavior_logp)[mask]
+        tokens = int(mask.sum())
+        record = {
+            "step": step, "staleness": staleness, "loss": loss.item(), "reward_mean": rewards.mean().item(),
+            "advantage_mean": advantages.mean().item(), "grad_norm": grad_norm.item(),
+            "entropy": entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
+            "log_ratio_mean": (policy_sequence_logp - behavior_sequence_logp).mean().item(),
+            "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
+            **mass_leakage(policy_sequence_logp, behavior_sequence_logp, rollout.completion_ids, mask,
+                           cfg.group_size),
+            **diagnostics,
+        }
+        if cfg.loss in ("oapl", "apo", "pmd", "shifted"):
+            record.update(regime_diagnostics(advantages, rewards, cfg.beta))
+        totals["rollout_seconds"] += rollout_seconds
+        totals["rollout_tokens"] += tokens
+        record.update(rollout_seconds=rollout_seconds, update_seconds=update_seconds,
+                      rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9))
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            record["eval_accuracy"] = evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens)
+            evals.append(record["eval_accuracy"])
+        append_metrics(metrics_path, record)
+        totals["seconds"] = time.time() - started
+        if "eval_accuracy" in record:
+            checkpoint(step)
+        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{evals[-1]:.3f}", stale=staleness)
+    bar.close()
+
+    summary = {"run": run_dir, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
+               "warm_start_accuracy": warm_start_accuracy, "final_accuracy": evals[-1], "best_accuracy": max(evals),
+               "minutes": totals["seconds"] / 60,
+               "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9)}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: parse and check the flags, train, print the summary table.
+# ----------------------------------------------------------------------------------------------
+def format_summary(summary: dict) -> str:
+    header = "| loss | lag | steps | warm-start accuracy | final accuracy | minutes | rollout tokens/s |"
+    row = (f"| {summary['loss']} | {summary['lag']} | {summary['steps']} | {summary['warm_start_accuracy']:.3f} | "
+           f"{summary['final_accuracy']:.3f} | {summary['minutes']:.2f} | {summary['rollout_tokens_per_s']:.0f} |")
+    return "\n".join([header, "|" + "---|" * 7, row])
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        check_config(cfg)
+        summary = train(cfg)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    print(f"metrics: {os.path.join(summary['run'], 'metrics.jsonl')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
