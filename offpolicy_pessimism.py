@@ -545,20 +545,23 @@ def lambert_w0(z: torch.Tensor, max_iterations: int = 50) -> torch.Tensor:
     return torch.where(z <= -1 / math.e, torch.full_like(w, -1.0), w)
 
 
-def induced_target_c(advantages: torch.Tensor, beta: float, iterations: int = 100) -> torch.Tensor:
-    """Per group, the c of eq. 2 with mu uniform over the G samples: mean_i W0(c exp(A_i/beta)) / c = 1.
+def induced_target_c(advantages: torch.Tensor, beta: float, mu: torch.Tensor | None = None,
+                     iterations: int = 100) -> torch.Tensor:
+    """Per group, the c of eq. 2: sum_i mu_i W0(c exp(A_i/beta)) / c = 1.
 
-    advantages: (groups, G). Returns (groups,) float64: c > 0 pessimistic, c = 0 boundary (when
-    log mean exp(A/beta) = 0 to 1e-9), c < 0 negative regime, NaN where no normalised target exists.
+    advantages: (groups, G); mu: (groups, G) generator probabilities of the samples, uniform (the
+    empirical mu) when None. Returns (groups,) float64: c > 0 pessimistic, c = 0 boundary (when
+    |log E_mu exp(A/beta)| < 1e-6, float32 round-off), c < 0 negative regime, NaN where no normalised target exists.
     """
     scaled = advantages.double() / beta
+    mu = torch.full_like(scaled, 1 / scaled.shape[-1]) if mu is None else mu.double()
     z = scaled.exp()
-    log_mean_z = torch.logsumexp(scaled, -1) - math.log(scaled.shape[-1])
+    log_mean_z = torch.logsumexp(scaled + mu.log(), -1)
 
-    def mass(c):  # mean_i W0(c z_i) / c, decreasing in c
-        return lambert_w0(c[:, None] * z).mean(-1) / c
+    def mass(c):  # sum_i mu_i W0(c z_i) / c, decreasing in c
+        return (mu * lambert_w0(c[:, None] * z)).sum(-1) / c
 
-    positive, negative = log_mean_z > 1e-9, log_mean_z < -1e-9
+    positive, negative = log_mean_z > 1e-6, log_mean_z < -1e-6
     c_min = -1 / (math.e * z.max(-1).values)  # W0 is defined down to -1/e
     lo = torch.where(negative, c_min, torch.full_like(c_min, 1e-12))
     hi = torch.where(negative, torch.full_like(c_min, -1e-12), torch.ones_like(c_min))
