@@ -10,10 +10,19 @@ It Is More Pessimistic Than You Think"):
   stationary target is a Lambert-W-tempered version of `mu * exp(A/beta)` (eq. 2): `oapl`, `apo`,
   `pmd`, and the paper's beta-shifted-mean advantage `shifted` (the default).
 
+Notation (README, "The math"): x a prompt, y a completion, r in {0, 1} its reward, pi the policy,
+mu the generator (refreshed from pi every `lag` steps), G completions per prompt, and
+
+    eq. 1   L(theta) = E_x E_{y ~ mu} [ (beta * log(pi(y)/mu(y)) - A(x, y))^2 ],   A = r - b(x)
+    eq. 2   pi_c(y) = mu(y) * W0(c * exp(A(y)/beta)) / c,   c chosen so that sum_y pi_c(y) = 1
+
+eq. 2 is the minimiser of eq. 1 over distributions (W0 the principal Lambert-W branch). c > 0 is
+the pessimistic regime (baseline below the soft value beta log E_mu exp(r/beta)), c = 0 the
+Boltzmann target mu exp(A/beta) / Z, c < 0 the fragile one.
+
 The file reads in the order the data flows: config, task and reward checker, model, lagged
 generator, advantages, losses, diagnostics, training loop, main. Every loss is a pure function with
-its equation in the docstring; equation numbers refer to PAPER.md's notation (eq. 1 the regression,
-eq. 2 the Lambert-W target).
+its equation in the docstring.
 
 Run `python offpolicy_pessimism.py` for the offline default: a built-in 2-digit addition task and a
 tiny character-level Llama that the script builds and warm-starts itself (cached under `--out`).
@@ -55,7 +64,7 @@ def flag(default, help: str, **argparse_kwargs):
 
 @dataclass
 class Config:
-    loss: str = flag("shifted", "objective (PAPER.md section 5); shifted is the paper's proposal", choices=LOSSES)
+    loss: str = flag("shifted", "objective; shifted is the paper's proposal", choices=LOSSES)
     lag: int = flag(16, "optimizer steps between generator refreshes (1 = on-policy)")
     steps: int = flag(300, "optimizer steps of RL")
     prompts_per_step: int = flag(16, "prompts per batch")
@@ -68,7 +77,7 @@ class Config:
     delta: float = flag(0.1, "reinforce (AsymRE): A = r - mean + delta, a baseline below the mean")
     clip_eps: float = flag(0.2, "ppo: clip the ratio to [1 - eps, 1 + eps]")
     is_cap: float = flag(2.0, "tis: truncate the importance ratio at this value")
-    length_normalize: bool = flag(False, "divide sequence log-probs by the completion length")
+    length_normalize: bool = flag(False, "reinforce and eq. 1 losses: divide sequence log-probs by the length")
     lr: float = flag(1e-4, "AdamW learning rate")
     grad_clip: float = flag(1.0, "clip the gradient norm to this value")
     seed: int = flag(1, "seed for prompts and sampling")
@@ -288,6 +297,7 @@ class Rollout:
     completion_ids: torch.Tensor   # (N, T) pad after the first EOS
     completion_mask: torch.Tensor  # (N, T) bool: True up to and including the first EOS
     behavior_logp: torch.Tensor    # (N, T) fp32 log mu(y_t | x, y_<t) under the sampling temperature
+    staleness: int = 0             # optimizer steps since the generator that sampled it was refreshed
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,11 +333,11 @@ def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, 
     the token was drawn from, so `policy_logp - behavior_logp` is the true per-token log-ratio.
     """
     with torch.inference_mode():
-        rollout = _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng)
-    return Rollout(*(tensor.clone() for tensor in dataclasses.astuple(rollout)))  # usable by autograd
+        tensors = _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng)
+    return Rollout(*(tensor.clone() for tensor in tensors))  # clones of inference tensors work with autograd
 
 
-def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng) -> Rollout:
+def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
     prompt, prompt_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     rows = prompt.shape[0]
@@ -363,15 +373,17 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng)
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
     behavior_logp = torch.stack(logps, dim=1) * completion_mask
-    return Rollout(prompt, prompt_mask, completion_ids, completion_mask, behavior_logp)
+    return prompt, prompt_mask, completion_ids, completion_mask, behavior_logp
 
 
 def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
-                  temperature: float, rng: torch.Generator) -> Rollout:
-    """G completions per prompt from the (possibly stale) generator."""
+                  temperature: float, rng: torch.Generator, staleness: int = 0) -> Rollout:
+    """G completions per prompt from the (possibly stale) generator; the batch carries its staleness."""
     prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts) for _ in range(group_size)]
-    return sample_completions(generator, prompt_ids, max_new_tokens, temperature, tokenizer.eos_token_id,
-                              tokenizer.pad_token_id, rng)
+    rollout = sample_completions(generator, prompt_ids, max_new_tokens, temperature, tokenizer.eos_token_id,
+                                 tokenizer.pad_token_id, rng)
+    rollout.staleness = staleness
+    return rollout
 
 
 @torch.no_grad()
@@ -418,12 +430,12 @@ def soft_value(rewards: torch.Tensor, beta_value: float) -> torch.Tensor:
 
 
 def shifted_mean_advantages(rewards: torch.Tensor, beta: float, shift: float = 1.0) -> torch.Tensor:
-    """A = r - (mean - shift * beta): the paper's beta-shifted mean (our reading, PAPER.md section 4)."""
+    """A = r - (mean - shift * beta): the paper's beta-shifted mean (our reading of it)."""
     return rewards - group_mean(rewards) + shift * beta
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses (PAPER.md section 5). Token tensors are (N, T) with N = groups * G, prompt-major;
+# Losses. Token tensors are (N, T) with N = groups * G, prompt-major;
 # rewards are (groups, G). Each returns (scalar loss, diagnostics); diagnostics["advantages"] is
 # the (groups, G) advantage the loss used, for the regime diagnostics.
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +492,7 @@ def oapl_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float,
               length_normalize: bool = False):
     """OAPL (arXiv 2602.19362), eq. 1 anchored on the generator with a soft-value baseline:
     L = mean (beta * log(pi/mu)(y) - (r - beta_v log mean_j exp(r_j / beta_v)))^2.
-    beta_v > beta: pessimistic regime; = beta: boundary; < beta: negative regime (PAPER.md section 3).
+    beta_v > beta: pessimistic regime; = beta: boundary; < beta: negative regime.
     """
     advantages = rewards - soft_value(rewards, beta_value)
     log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
@@ -756,7 +768,7 @@ def train(cfg: Config) -> dict:
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
         tick = time.time()
         rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, sample_rng)
+                                cfg.temperature, sample_rng, staleness)
         rollout_seconds = time.time() - tick
         rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size)  # (groups, G)
 
@@ -789,7 +801,7 @@ def train(cfg: Config) -> dict:
         token_log_ratio = (policy_logp.detach() - rollout.behavior_logp)[mask]
         tokens = int(mask.sum())
         record = {
-            "step": step, "staleness": staleness, "loss": loss.item(), "reward_mean": rewards.mean().item(),
+            "step": step, "staleness": rollout.staleness, "loss": loss.item(), "reward_mean": rewards.mean().item(),
             "advantage_mean": advantages.mean().item(), "grad_norm": grad_norm.item(),
             "entropy": entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
             "log_ratio_mean": (policy_sequence_logp - behavior_sequence_logp).mean().item(),

@@ -19,7 +19,7 @@ TINY = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval-
 
 
 # ---------------------------------------------------------------------------------------------
-# The Lambert-W target (PAPER.md sections 3 and 6)
+# The Lambert-W target (eq. 2) and its regimes
 # ---------------------------------------------------------------------------------------------
 def test_lambert_w0_inverts_w_exp_w():
     z = torch.cat([torch.linspace(-1 / math.e, 0, 1001, dtype=torch.float64),
