@@ -88,6 +88,14 @@ class Config:
     out: str = flag("runs", "folder for run sub-folders and the cached warm start")
     device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
+    compare: bool = flag(False, "run the grid losses x lags x seeds (same budget per cell), write a table")
+    preset: str = flag("", "compare: lags = 5 losses x lags 1-256 x 3 seeds; regimes = oapl/shifted sweep at lag 64",
+                       choices=("", "lags", "regimes"))
+    losses: str = flag("ppo,tis,pmd,oapl,shifted", "compare: comma-separated losses")
+    lags: str = flag("1,16,64,256", "compare: comma-separated lags")
+    seeds: str = flag("1,2,3", "compare: comma-separated seeds")
+    beta_values: str = flag("", "compare: comma-separated beta_v for oapl/apo cells (empty: --beta-value)")
+    shifts: str = flag("", "compare: comma-separated shifts for shifted cells (empty: --shift)")
 
 
 class UsageError(Exception):
@@ -122,6 +130,11 @@ def check_config(cfg: Config) -> None:
         raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
     if cfg.model and not os.path.isdir(cfg.model) and cfg.model.startswith((".", "/", "~")):
         raise UsageError(f"--model {cfg.model}: no such directory; give a saved model folder or a hub name")
+    if cfg.compare:
+        if cfg.resume:
+            raise UsageError("--compare resumes unfinished cells and skips finished ones by itself; drop --resume")
+        grid_cells(cfg)  # raises UsageError for a bad list
+        return
     run_dir = run_folder(cfg)
     has_checkpoint = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
     if cfg.resume and not has_checkpoint:
@@ -130,9 +143,12 @@ def check_config(cfg: Config) -> None:
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, or delete the folder")
 
 
+GRID_FLAGS = ("compare", "preset", "losses", "lags", "seeds", "beta_values", "shifts")
+
+
 def run_folder(cfg: Config) -> str:
     """One folder per setting: the budget (steps, eval cadence), device and resume flag are not part of it."""
-    budget = {"steps", "eval_every", "out", "device", "resume"}
+    budget = {"steps", "eval_every", "out", "device", "resume", *GRID_FLAGS}
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in budget}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
@@ -836,7 +852,173 @@ def train(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Main: parse and check the flags, train, print the summary table.
+# Comparison grid: the same budget for every (loss, lag, seed[, beta_v | shift]) cell, one run
+# folder each; a finished cell is never rerun, an interrupted one resumes.
+# ----------------------------------------------------------------------------------------------
+PRESETS = {
+    "lags": {"losses": "ppo,tis,pmd,oapl,shifted", "lags": "1,16,64,256", "seeds": "1,2,3", "steps": 300},
+    "regimes": {"losses": "oapl,shifted", "lags": "64", "seeds": "1,2", "beta_values": "0.05,0.1,0.3",
+                "shifts": "0.25,1,3", "steps": 300},
+}
+
+
+def parse_list(text: str, kind, flag_name: str) -> list:
+    try:
+        values = [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise UsageError(f"--{flag_name} must be a comma-separated list of {kind.__name__}, got {text!r}") from None
+    if not values:
+        raise UsageError(f"--{flag_name} is empty")
+    return values
+
+
+def grid_cells(cfg: Config) -> list[Config]:
+    """One Config per cell; oapl/apo cells vary beta_v, shifted cells vary the shift."""
+    if cfg.preset:
+        cfg = dataclasses.replace(cfg, **PRESETS[cfg.preset])
+    losses = parse_list(cfg.losses, str, "losses")
+    unknown = sorted(set(losses) - set(LOSSES))
+    if unknown:
+        raise UsageError(f"--losses: unknown {', '.join(unknown)}; choose from {', '.join(LOSSES)}")
+    lags, seeds = parse_list(cfg.lags, int, "lags"), parse_list(cfg.seeds, int, "seeds")
+    if min(lags) < 1:
+        raise UsageError(f"--lags must all be at least 1, got {cfg.lags}")
+    beta_values = parse_list(cfg.beta_values, float, "beta-values") if cfg.beta_values else [cfg.beta_value]
+    shifts = parse_list(cfg.shifts, float, "shifts") if cfg.shifts else [cfg.shift]
+    if min(beta_values) <= 0:
+        raise UsageError(f"--beta-values must all be positive, got {cfg.beta_values}")
+    cells = []
+    for loss in losses:
+        for lag in lags:
+            variants = ([{"beta_value": v} for v in beta_values] if loss in ("oapl", "apo") else
+                        [{"shift": v} for v in shifts] if loss == "shifted" else [{}])
+            for variant in variants:
+                for seed in seeds:
+                    cells.append(dataclasses.replace(cfg, compare=False, preset="", loss=loss, lag=lag, seed=seed,
+                                                     **variant))
+    return cells
+
+
+def cell_label(cell: Config) -> str:
+    extra = f" beta_v={cell.beta_value:g}" if cell.loss in ("oapl", "apo") else (
+        f" shift={cell.shift:g}" if cell.loss == "shifted" else "")
+    return f"{cell.loss}{extra}"
+
+
+def run_grid(cfg: Config) -> list[dict]:
+    """Run every unfinished cell in turn, then write compare.md / compare.csv (and plots) under --out."""
+    cells = grid_cells(cfg)
+    for cell in tqdm(cells, desc="grid", dynamic_ncols=True):
+        folder = run_folder(cell)
+        summary_path = os.path.join(folder, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                if json.load(f)["steps"] >= cell.steps:
+                    continue  # finished: never rerun
+        resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
+        train(dataclasses.replace(cell, resume=resume))
+    rows = grid_table(cells)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "compare.md"), "w") as f:
+        f.write(format_grid_table(rows) + "\n")
+    with open(os.path.join(cfg.out, "compare.csv"), "w") as f:
+        f.write(",".join(rows[0]) + "\n")
+        f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
+    plot_grid(cells, cfg.out)
+    return rows
+
+
+def grid_table(cells: list[Config]) -> list[dict]:
+    """One row per (loss variant, lag): means over seeds of each cell's own metrics."""
+    groups: dict[tuple, list[list[dict]]] = {}
+    minutes: dict[tuple, list[float]] = {}
+    for cell in cells:
+        metrics = read_metrics(os.path.join(run_folder(cell), "metrics.jsonl"))
+        groups.setdefault((cell_label(cell), cell.lag), []).append(metrics)
+        with open(os.path.join(run_folder(cell), "summary.json")) as f:
+            minutes.setdefault((cell_label(cell), cell.lag), []).append(json.load(f)["minutes"])
+
+    def mean(values):
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        return sum(values) / len(values) if values else float("nan")
+
+    def over_steps(key, metrics, last=None):
+        steps = [m[key] for m in metrics if key in m and "loss" in m]
+        return mean(steps[-last:] if last else steps) if steps else None
+
+    rows = []
+    for (label, lag), runs in groups.items():
+        finals = [[m["eval_accuracy"] for m in run if "eval_accuracy" in m][-1] for run in runs]
+        bests = [max(m["eval_accuracy"] for m in run if "eval_accuracy" in m) for run in runs]
+        final_mean = mean(finals)
+        std = math.sqrt(mean([(a - final_mean) ** 2 for a in finals])) if len(finals) > 1 else 0.0
+        rows.append({
+            "loss": label, "lag": lag, "seeds": len(runs), "final_accuracy": final_mean, "final_accuracy_std": std,
+            "best_accuracy": mean(bests), "warm_start_accuracy": mean([run[0]["eval_accuracy"] for run in runs]),
+            "final_entropy": mean([over_steps("entropy", run, last=10) for run in runs]),
+            **{key: mean([over_steps(key, run) for run in runs])
+               for key in ("regime_positive", "regime_boundary", "regime_negative", "clip_fraction",
+                           "mass_leakage", "advantage_mean")},
+            "ratio_max": max((m["ratio_max"] for run in runs for m in run if "ratio_max" in m), default=float("nan")),
+            "minutes": mean(minutes[(label, lag)]),
+        })
+    return rows
+
+
+def format_grid_table(rows: list[dict]) -> str:
+    lines = ["| loss | lag | final accuracy (mean +- std) | best | final entropy | c>0 / c=0 / c<0 | "
+             "clip fraction | max ratio | mass leakage | mean advantage | minutes |", "|" + "---|" * 11]
+    for r in rows:
+        regime = ("-" if math.isnan(r["regime_positive"]) else
+                  f"{r['regime_positive']:.2f} / {r['regime_boundary']:.2f} / {r['regime_negative']:.2f}")
+        optional = lambda v, fmt: "-" if math.isnan(v) else format(v, fmt)
+        lines.append(f"| {r['loss']} | {r['lag']} | {r['final_accuracy']:.3f} +- {r['final_accuracy_std']:.3f} "
+                     f"({r['seeds']}) | {r['best_accuracy']:.3f} | {r['final_entropy']:.3f} | {regime} | "
+                     f"{optional(r['clip_fraction'], '.3f')} | {optional(r['ratio_max'], '.2f')} | "
+                     f"{r['mass_leakage']:.3f} | {r['advantage_mean']:+.3f} | {r['minutes']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_grid(cells: list[Config], out: str) -> None:
+    """accuracy.png, entropy.png, regimes.png under --out, one panel per lag; skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        tqdm.write("plots skipped: matplotlib is not installed (pip install matplotlib to get them)")
+        return
+    lags = sorted({cell.lag for cell in cells})
+    for name, key, title in (("accuracy", "eval_accuracy", "greedy accuracy"), ("entropy", "entropy", "token entropy"),
+                             ("regimes", "regime_positive", "fraction of groups with c > 0")):
+        figure, axes = plt.subplots(1, len(lags), figsize=(4 * len(lags), 3.2), squeeze=False, sharey=True)
+        for axis, lag in zip(axes[0], lags):
+            curves: dict[str, list] = {}
+            for cell in cells:
+                if cell.lag == lag:
+                    curves.setdefault(cell_label(cell), []).append(
+                        read_metrics(os.path.join(run_folder(cell), "metrics.jsonl")))
+            for label, runs in curves.items():
+                points: dict[int, list] = {}
+                for run in runs:
+                    for m in run:
+                        if key in m:
+                            points.setdefault(m["step"], []).append(m[key])
+                if points:
+                    steps = sorted(points)
+                    axis.plot(steps, [sum(points[s]) / len(points[s]) for s in steps], label=label)
+            axis.set_title(f"lag {lag}")
+            axis.set_xlabel("step")
+        axes[0][0].set_ylabel(title)
+        axes[0][-1].legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(os.path.join(out, f"{name}.png"), dpi=110)
+        plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: parse and check the flags, train (or run the grid), print the summary table.
 # ----------------------------------------------------------------------------------------------
 def format_summary(summary: dict) -> str:
     header = "| loss | lag | steps | warm-start accuracy | final accuracy | minutes | rollout tokens/s |"
@@ -849,6 +1031,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         check_config(cfg)
+        if cfg.compare:
+            print(format_grid_table(run_grid(cfg)))
+            print(f"tables: {os.path.join(cfg.out, 'compare.md')}, {os.path.join(cfg.out, 'compare.csv')}")
+            return 0
         summary = train(cfg)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
