@@ -33,6 +33,7 @@ training, vLLM, KL-to-reference penalties, learning-rate schedules.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -410,8 +411,7 @@ def refresh_generator(generator, policy) -> None:
 
 
 def frozen_copy(model):
-    import copy
-
+    """A copy with no gradients and no optimizer state: the generator mu, or the reference pi_ref."""
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 

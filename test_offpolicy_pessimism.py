@@ -404,3 +404,66 @@ def test_the_script_runs_as_a_command_and_fails_cleanly(warm_out, tmp_path):
     assert "warm-start accuracy | final accuracy" in done.stdout
     bad = subprocess.run([sys.executable, script, "--out", str(out), "--lag", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--lag must be at least 1" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison grid
+# ---------------------------------------------------------------------------------------------
+GRID = ["--compare", "--losses", "ppo,shifted", "--lags", "1,2", "--seeds", "1", *TINY]
+
+
+def test_grid_runs_every_cell_and_resumes_without_rerunning_finished_ones(warm_out, tmp_path, capsys):
+    out = fresh_out(warm_out, tmp_path)
+    assert op.main(["--out", str(out), *GRID]) == 0
+    assert "| ppo | 2 |" in capsys.readouterr().out
+    cells = sorted(d for d in os.listdir(out) if "_lag" in d)
+    assert len(cells) == 4 and (out / "compare.md").exists() and (out / "compare.csv").exists()
+    stamps = {c: os.stat(out / c / "metrics.jsonl").st_mtime_ns for c in cells}
+    shutil.rmtree(out / cells[0])                           # a cell the grid never reached
+    os.remove(out / cells[1] / "summary.json")              # a cell stopped after its last checkpoint
+    before = (out / cells[1] / "metrics.jsonl").read_text()
+    assert op.main(["--out", str(out), *GRID]) == 0
+    assert (out / cells[0] / "summary.json").exists() and (out / cells[1] / "summary.json").exists()
+    assert (out / cells[1] / "metrics.jsonl").read_text() == before  # resumed, not rerun
+    for cell in cells[2:]:
+        assert os.stat(out / cell / "metrics.jsonl").st_mtime_ns == stamps[cell]  # finished: untouched
+
+
+def test_grid_table_numbers_equal_the_cells_own_metrics(warm_out, tmp_path):
+    out = fresh_out(warm_out, tmp_path)
+    assert op.main(["--out", str(out), *GRID, "--seeds", "1,2"]) == 0
+    cfg = op.parse_config(["--out", str(out), *GRID, "--seeds", "1,2"])
+    with open(out / "compare.csv") as f:
+        header, *lines = [line.strip().split(",") for line in f]
+    table = {(row[0], int(row[1])): dict(zip(header, row)) for row in lines}
+    assert len(table) == 4
+    for loss, lag in table:
+        cells = [c for c in op.grid_cells(cfg) if op.cell_label(c) == loss and c.lag == lag]
+        runs = [op.read_metrics(os.path.join(op.run_folder(c), "metrics.jsonl")) for c in cells]
+        finals = [[m["eval_accuracy"] for m in run if "eval_accuracy" in m][-1] for run in runs]
+        assert float(table[loss, lag]["final_accuracy"]) == pytest.approx(sum(finals) / 2)
+        assert int(table[loss, lag]["seeds"]) == 2
+        leakage = [sum(m["mass_leakage"] for m in run[1:]) / len(run[1:]) for run in runs]
+        assert float(table[loss, lag]["mass_leakage"]) == pytest.approx(sum(leakage) / 2)
+
+
+def test_grid_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    op.plot_grid([op.Config()], str(tmp_path))
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_grid_refuses_bad_lists_before_any_work(tmp_path, capsys):
+    for argv, message in [(["--losses", "ppo,dpo"], "unknown dpo"), (["--lags", "1,x"], "--lags must be"),
+                          (["--lags", "0"], "at least 1"), (["--resume"], "drop --resume")]:
+        assert op.main(["--out", str(tmp_path / "out"), "--compare", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_regime_preset_sweeps_value_temperatures_and_shifts():
+    cells = op.grid_cells(op.parse_config(["--compare", "--preset", "regimes"]))
+    assert {op.cell_label(c) for c in cells} == {"oapl beta_v=0.05", "oapl beta_v=0.1", "oapl beta_v=0.3",
+                                                 "shifted shift=0.25", "shifted shift=1", "shifted shift=3"}
+    assert {c.lag for c in cells} == {64} and len({op.run_folder(c) for c in cells}) == len(cells)
