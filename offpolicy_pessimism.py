@@ -917,26 +917,32 @@ def run_grid(cfg: Config) -> list[dict]:
                     continue  # finished: never rerun
         resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
         train(dataclasses.replace(cell, resume=resume))
-    rows = grid_table(cells)
+    runs = grouped_runs(cells)
+    rows = grid_table(runs)
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "compare.md"), "w") as f:
         f.write(format_grid_table(rows) + "\n")
     with open(os.path.join(cfg.out, "compare.csv"), "w") as f:
         f.write(",".join(rows[0]) + "\n")
         f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
-    plot_grid(cells, cfg.out)
+    plot_grid(runs, cfg.out)
     return rows
 
 
-def grid_table(cells: list[Config]) -> list[dict]:
-    """One row per (loss variant, lag): means over seeds of each cell's own metrics."""
-    groups: dict[tuple, list[list[dict]]] = {}
-    minutes: dict[tuple, list[float]] = {}
+def grouped_runs(cells: list[Config]) -> dict[tuple, list[tuple[list[dict], dict]]]:
+    """{(loss label, lag): [(metrics lines, summary) per seed]}, each cell's files read once."""
+    runs: dict[tuple, list] = {}
     for cell in cells:
-        metrics = read_metrics(os.path.join(run_folder(cell), "metrics.jsonl"))
-        groups.setdefault((cell_label(cell), cell.lag), []).append(metrics)
-        with open(os.path.join(run_folder(cell), "summary.json")) as f:
-            minutes.setdefault((cell_label(cell), cell.lag), []).append(json.load(f)["minutes"])
+        folder = run_folder(cell)
+        with open(os.path.join(folder, "summary.json")) as f:
+            summary = json.load(f)
+        runs.setdefault((cell_label(cell), cell.lag), []).append(
+            (read_metrics(os.path.join(folder, "metrics.jsonl")), summary))
+    return runs
+
+
+def grid_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict]:
+    """One row per (loss variant, lag): means over seeds of each cell's own metrics."""
 
     def mean(values):
         values = [v for v in values if v is not None and not math.isnan(v)]
@@ -947,7 +953,8 @@ def grid_table(cells: list[Config]) -> list[dict]:
         return mean(steps[-last:] if last else steps) if steps else None
 
     rows = []
-    for (label, lag), runs in groups.items():
+    for (label, lag), cell_runs in grouped.items():
+        runs = [metrics for metrics, _ in cell_runs]
         finals = [[m["eval_accuracy"] for m in run if "eval_accuracy" in m][-1] for run in runs]
         bests = [max(m["eval_accuracy"] for m in run if "eval_accuracy" in m) for run in runs]
         final_mean = mean(finals)
@@ -960,7 +967,7 @@ def grid_table(cells: list[Config]) -> list[dict]:
                for key in ("regime_positive", "regime_boundary", "regime_negative", "clip_fraction",
                            "mass_leakage", "advantage_mean")},
             "ratio_max": max((m["ratio_max"] for run in runs for m in run if "ratio_max" in m), default=float("nan")),
-            "minutes": mean(minutes[(label, lag)]),
+            "minutes": mean([summary["minutes"] for _, summary in cell_runs]),
         })
     return rows
 
@@ -979,7 +986,7 @@ def format_grid_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_grid(cells: list[Config], out: str) -> None:
+def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> None:
     """accuracy.png, entropy.png, regimes.png under --out, one panel per lag; skipped without matplotlib."""
     try:
         import matplotlib
@@ -989,19 +996,16 @@ def plot_grid(cells: list[Config], out: str) -> None:
     except ImportError:
         tqdm.write("plots skipped: matplotlib is not installed (pip install matplotlib to get them)")
         return
-    lags = sorted({cell.lag for cell in cells})
+    lags = sorted({lag for _, lag in grouped})
     for name, key, title in (("accuracy", "eval_accuracy", "greedy accuracy"), ("entropy", "entropy", "token entropy"),
                              ("regimes", "regime_positive", "fraction of groups with c > 0")):
         figure, axes = plt.subplots(1, len(lags), figsize=(4 * len(lags), 3.2), squeeze=False, sharey=True)
         for axis, lag in zip(axes[0], lags):
-            curves: dict[str, list] = {}
-            for cell in cells:
-                if cell.lag == lag:
-                    curves.setdefault(cell_label(cell), []).append(
-                        read_metrics(os.path.join(run_folder(cell), "metrics.jsonl")))
-            for label, runs in curves.items():
+            for (label, cell_lag), cell_runs in grouped.items():
+                if cell_lag != lag:
+                    continue
                 points: dict[int, list] = {}
-                for run in runs:
+                for run, _ in cell_runs:
                     for m in run:
                         if key in m:
                             points.setdefault(m["step"], []).append(m[key])

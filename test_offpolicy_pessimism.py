@@ -449,7 +449,7 @@ def test_grid_table_numbers_equal_the_cells_own_metrics(warm_out, tmp_path):
 
 def test_grid_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    op.plot_grid([op.Config()], str(tmp_path))
+    op.plot_grid({("shifted", 16): [([{"step": 0, "eval_accuracy": 0.5}], {})]}, str(tmp_path))
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.png"))
 
