@@ -97,6 +97,8 @@ class Config:
     seeds: str = flag("1,2,3", "compare: comma-separated seeds")
     beta_values: str = flag("", "compare: comma-separated beta_v for oapl/apo cells (empty: --beta-value)")
     shifts: str = flag("", "compare: comma-separated shifts for shifted cells (empty: --shift)")
+    betas: str = flag("", "compare: comma-separated beta for every cell (empty: --beta)")
+    warm_starts: str = flag("", "compare: comma-separated --warm-start-steps, e.g. a weak and a strong start")
 
 
 class UsageError(Exception):
@@ -144,7 +146,7 @@ def check_config(cfg: Config) -> None:
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, or delete the folder")
 
 
-GRID_FLAGS = ("compare", "preset", "losses", "lags", "seeds", "beta_values", "shifts")
+GRID_FLAGS = ("compare", "preset", "losses", "lags", "seeds", "beta_values", "shifts", "betas", "warm_starts")
 
 
 def run_folder(cfg: Config) -> str:
@@ -885,23 +887,33 @@ def grid_cells(cfg: Config) -> list[Config]:
         raise UsageError(f"--lags must all be at least 1, got {cfg.lags}")
     beta_values = parse_list(cfg.beta_values, float, "beta-values") if cfg.beta_values else [cfg.beta_value]
     shifts = parse_list(cfg.shifts, float, "shifts") if cfg.shifts else [cfg.shift]
-    if min(beta_values) <= 0:
-        raise UsageError(f"--beta-values must all be positive, got {cfg.beta_values}")
+    betas = parse_list(cfg.betas, float, "betas") if cfg.betas else [cfg.beta]
+    warm_starts = parse_list(cfg.warm_starts, int, "warm-starts") if cfg.warm_starts else [cfg.warm_start_steps]
+    if min(beta_values) <= 0 or min(betas) <= 0:
+        raise UsageError(f"--beta-values and --betas must all be positive, got {cfg.beta_values!r}, {cfg.betas!r}")
+    if min(warm_starts) < -1:
+        raise UsageError(f"--warm-starts must all be at least -1, got {cfg.warm_starts}")
     cells = []
-    for loss in losses:
-        for lag in lags:
-            variants = ([{"beta_value": v} for v in beta_values] if loss in ("oapl", "apo") else
-                        [{"shift": v} for v in shifts] if loss == "shifted" else [{}])
-            for variant in variants:
-                for seed in seeds:
-                    cells.append(dataclasses.replace(cfg, compare=False, preset="", loss=loss, lag=lag, seed=seed,
-                                                     **variant))
+    for warm_start_steps in warm_starts:
+        for beta in betas:
+            for loss in losses:
+                for lag in lags:
+                    variants = ([{"beta_value": v} for v in beta_values] if loss in ("oapl", "apo") else
+                                [{"shift": v} for v in shifts] if loss == "shifted" else [{}])
+                    for variant in variants:
+                        for seed in seeds:
+                            cells.append(dataclasses.replace(
+                                cfg, compare=False, preset="", loss=loss, lag=lag, seed=seed, beta=beta,
+                                warm_start_steps=warm_start_steps, **variant))
     return cells
 
 
 def cell_label(cell: Config) -> str:
+    """The table's row name: the loss, its swept parameter, and beta / warm start when those are swept."""
     extra = f" beta_v={cell.beta_value:g}" if cell.loss in ("oapl", "apo") else (
         f" shift={cell.shift:g}" if cell.loss == "shifted" else "")
+    extra += f" beta={cell.beta:g}" if cell.betas else ""
+    extra += f" warm={cell.warm_start_steps}" if cell.warm_starts else ""
     return f"{cell.loss}{extra}"
 
 

@@ -467,3 +467,13 @@ def test_regime_preset_sweeps_value_temperatures_and_shifts():
     assert {op.cell_label(c) for c in cells} == {"oapl beta_v=0.05", "oapl beta_v=0.1", "oapl beta_v=0.3",
                                                  "shifted shift=0.25", "shifted shift=1", "shifted shift=3"}
     assert {c.lag for c in cells} == {64} and len({op.run_folder(c) for c in cells}) == len(cells)
+
+
+def test_grid_can_vary_beta_and_the_warm_start_strength():
+    cfg = op.parse_config(["--compare", "--losses", "pmd,oapl", "--lags", "4", "--seeds", "1",
+                           "--betas", "0.05,0.2", "--warm-starts", "300,1200", "--beta-values", "0.1,0.4"])
+    cells = op.grid_cells(cfg)
+    assert len(cells) == 2 * 2 * (1 + 2)
+    assert {(c.beta, c.warm_start_steps) for c in cells} == {(0.05, 300), (0.05, 1200), (0.2, 300), (0.2, 1200)}
+    assert "oapl beta_v=0.4 beta=0.05 warm=1200" in {op.cell_label(c) for c in cells}
+    assert len({op.run_folder(c) for c in cells}) == len(cells) == len({op.cell_label(c) for c in cells})
