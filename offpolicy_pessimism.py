@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 LOSSES = ("ppo", "tis", "reinforce", "oapl", "apo", "pmd", "shifted")
+TASKS = ("arith", "gsm8k", "math", "jsonl")
 BUILTIN_WARM_START_STEPS = 600  # supervised steps that bring the tiny model to about 55% accuracy
 
 
@@ -70,7 +71,9 @@ class Config:
     steps: int = flag(300, "optimizer steps of RL")
     prompts_per_step: int = flag(16, "prompts per batch")
     group_size: int = flag(8, "completions sampled per prompt (G)")
-    max_new_tokens: int = flag(6, "longest completion, in tokens")
+    max_new_tokens: int = flag(0, "longest completion, in tokens (0: 6 for arith, 512 for the data tasks)")
+    truncated: str = flag("zero", "completions cut at --max-new-tokens: reward 0, or masked out of the loss",
+                          choices=("zero", "mask"))
     temperature: float = flag(1.0, "sampling temperature; log-probs use the same one")
     beta: float = flag(0.1, "regression temperature beta of eq. 1")
     beta_value: float = flag(0.2, "value temperature beta_v of the OAPL / A*-PO soft-value baseline")
@@ -82,7 +85,21 @@ class Config:
     lr: float = flag(1e-4, "AdamW learning rate")
     grad_clip: float = flag(1.0, "clip the gradient norm to this value")
     seed: int = flag(1, "seed for prompts and sampling")
+    task: str = flag("arith", "built-in addition, or a JSONL data set given by --data", choices=TASKS)
+    data: str = flag("", "JSONL training problems for --task gsm8k / math / jsonl")
+    eval_data: str = flag("", "JSONL held-out problems (empty: hold out --eval-fraction of --data)")
+    eval_fraction: float = flag(0.1, "share of --data held out for evaluation when --eval-data is not given")
+    question_field: str = flag("", "JSONL field with the problem (empty: problem for --task math, else question)")
+    answer_field: str = flag("answer", "JSONL field with the answer, a worked solution (#### / \\boxed{}) or the bare answer")
+    checker: str = flag("builtin", "answer checker; math_verify needs `pip install math-verify`",
+                        choices=("builtin", "math_verify"))
     model: str = flag("", "Hugging Face causal LM name or path (empty: the built-in tiny model)")
+    plain_prompts: bool = flag(False, "--model: feed the raw prompt, not the tokenizer's chat template")
+    trust_remote_code: bool = flag(False, "--model: allow the model's own code from the hub (off unless asked)")
+    precision: str = flag("auto", "matmul precision: bf16 autocast (fp32 weights and log-softmax), or fp32; "
+                          "auto = bf16 on a CUDA GPU that has it", choices=("auto", "fp32", "bf16"))
+    grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's (0: all)")
     warm_start_steps: int = flag(-1, f"supervised steps on correct answers before RL (-1: {BUILTIN_WARM_START_STEPS} built-in, 0 with --model)")
     eval_size: int = flag(200, "held-out problems for greedy accuracy")
     eval_every: int = flag(25, "evaluate (and checkpoint) every N steps")
@@ -114,13 +131,18 @@ def parse_config(argv: list[str] | None = None) -> Config:
         else:
             parser.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"],
                                 choices=f.metadata.get("choices"))
-    return Config(**vars(parser.parse_args(argv)))
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.max_new_tokens == 0:
+        cfg.max_new_tokens = 6 if cfg.task == "arith" else 512
+    if not cfg.question_field:
+        cfg.question_field = "problem" if cfg.task == "math" else "question"
+    return cfg
 
 
 def check_config(cfg: Config) -> None:
     """Raise UsageError for any setting that cannot work, before anything is loaded or built."""
     at_least = {"lag": 1, "steps": 1, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 1,
-                "eval_size": 1, "eval_every": 1, "warm_start_steps": -1}
+                "eval_size": 1, "eval_every": 1, "warm_start_steps": -1, "micro_batch": 0}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
@@ -131,8 +153,26 @@ def check_config(cfg: Config) -> None:
         raise UsageError(f"--clip-eps must be in (0, 1), got {cfg.clip_eps}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if cfg.precision == "bf16" and cfg.device != "cpu" and torch.cuda.is_available() and \
+            not torch.cuda.is_bf16_supported():
+        raise UsageError("--precision bf16: this GPU has no bf16; use --precision fp32")
     if cfg.model and not os.path.isdir(cfg.model) and cfg.model.startswith((".", "/", "~")):
         raise UsageError(f"--model {cfg.model}: no such directory; give a saved model folder or a hub name")
+    if cfg.task == "arith" and (cfg.data or cfg.eval_data):
+        raise UsageError("--data and --eval-data are for --task gsm8k, math or jsonl; the arith task is built in")
+    if cfg.task != "arith":
+        if not cfg.data:
+            raise UsageError(f"--task {cfg.task} needs --data FILE.jsonl")
+        for path in (cfg.data, cfg.eval_data):
+            if path and not os.path.isfile(path):
+                raise UsageError(f"{path}: no such file")
+        if not cfg.eval_data and not 0 < cfg.eval_fraction < 1:
+            raise UsageError(f"--eval-fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if cfg.checker == "math_verify":
+        try:
+            import math_verify  # noqa: F401
+        except ImportError:
+            raise UsageError("--checker math_verify needs the math_verify package: pip install math-verify") from None
     if cfg.compare:
         if cfg.resume:
             raise UsageError("--compare resumes unfinished cells and skips finished ones by itself; drop --resume")
@@ -150,15 +190,15 @@ GRID_FLAGS = ("compare", "preset", "losses", "lags", "seeds", "beta_values", "sh
 
 
 def run_folder(cfg: Config) -> str:
-    """One folder per setting: the budget (steps, eval cadence), device and resume flag are not part of it."""
-    budget = {"steps", "eval_every", "out", "device", "resume", *GRID_FLAGS}
+    """One folder per setting: the budget (steps, eval cadence), device, memory savers and resume are not part of it."""
+    budget = {"steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", *GRID_FLAGS}
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in budget}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Task and reward checker: addition, and a checker that parses (never executes) answers.
+# Task and reward checker: built-in addition or a JSONL math data set; the checker parses, never executes.
 # ----------------------------------------------------------------------------------------------
 def arithmetic_problems(eval_size: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """All 3000 `a+b=` with a < 100 and b < 30, split into (train, held-out eval) with a fixed seed."""
@@ -168,38 +208,171 @@ def arithmetic_problems(eval_size: int) -> tuple[list[tuple[str, str]], list[tup
 
 
 MAX_CHECKED_CHARS = 100_000  # longer completions are not parsed: reward 0
+MAX_ANSWER_CHARS = 1_000     # a longer final answer is not compared
 MAX_ANSWER_DIGITS = 64
-_FINAL_MARK = re.compile(r"####\s*([-+]?[0-9][0-9,]*(?:\.[0-9]+)?)")
-_BOXED = re.compile(r"\\boxed\{\s*([-+]?[0-9][0-9,]*(?:\.[0-9]+)?)\s*\}")
-_NUMBER = re.compile(r"[-+]?[0-9][0-9,]*(?:\.[0-9]+)?")  # ASCII digits only: unicode digits never count
+_NUMBER_TEXT = r"[-+]?(?:[0-9]+(?:,[0-9]{3}(?![0-9]))*(?:\.[0-9]+)?|\.[0-9]+)"  # ASCII digits; 1,234 is one number
+_FINAL_MARK = re.compile(r"####[ \t]*\$?[ \t]*(" + _NUMBER_TEXT + r"|[^\n]*)")   # GSM8K: `#### 1,234`
+_LAST_NUMBER = re.compile(_NUMBER_TEXT + r"(?:/[0-9]+)?")                     # fallback: 46, -0.5, 1/2
+_LATEX_SPACING = re.compile(r"\\[!,;: ]|\\left|\\right|~|\$|\\\$|\^\{?\\circ\}?|\\circ|\\%|%")
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\{([^{}]*)\}")
+_UNIT_WORDS = re.compile(r"(" + _NUMBER_TEXT + r")\s*(?:[a-zA-Z]{2,}\.?\s*)+")  # 5.4 cents, 18 dollars
+_FRACTION = re.compile(r"([-+]?)\\frac\{([-+]?[0-9.]+)\}\{([-+]?[0-9.]+)\}")
+
+
+def boxed_contents(text: str) -> list[str]:
+    """The content of every `\\boxed{...}` (or `\\fbox{...}`), with nested braces, in order."""
+    contents, start = [], 0
+    while (found := min((i for i in (text.find("\\boxed{", start), text.find("\\fbox{", start)) if i >= 0),
+                        default=-1)) >= 0:
+        opening = text.index("{", found)
+        depth, end = 0, opening
+        for end in range(opening, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        if depth != 0:
+            break  # unbalanced: no answer after this point
+        contents.append(text[opening + 1:end])
+        start = end + 1
+    return contents
+
+
+def extract_answer(completion: str) -> str | None:
+    """The final answer as text: after the last `####`, else the last `\\boxed{}`, else the last number."""
+    if not completion or len(completion) > MAX_CHECKED_CHARS:
+        return None
+    marked = _FINAL_MARK.findall(completion)
+    if marked and marked[-1].strip():
+        return marked[-1].strip()
+    boxed = boxed_contents(completion)
+    if boxed:
+        return boxed[-1]
+    numbers = _LAST_NUMBER.findall(completion)
+    return numbers[-1] if numbers else None
 
 
 def parse_number(text: str) -> Fraction | None:
-    """'1,234' -> 1234, '-0.50' -> -1/2; None for anything else (or over MAX_ANSWER_DIGITS digits)."""
-    text = text.strip().replace(",", "")
+    """'1,234' -> 1234, '-0.50' -> -1/2, '1/2' and '\\frac{1}{2}' -> 1/2; None for anything else."""
+    text = re.sub(r"\s", "", text)
     if not text or sum(ch.isdigit() for ch in text) > MAX_ANSWER_DIGITS:
         return None
-    if not re.fullmatch(r"[-+]?[0-9]+(?:\.[0-9]+)?", text):
+    if fraction := _FRACTION.fullmatch(text):
+        sign, numerator, denominator = fraction.groups()
+    elif re.fullmatch(r"[-+]?[0-9.]+/[-+]?[0-9.]+", text):
+        (numerator, denominator), sign = text.split("/"), ""
+    else:
+        numerator, denominator, sign = text, "1", ""
+    parts = []
+    for part in (numerator, denominator):
+        if not re.fullmatch(_NUMBER_TEXT, part):
+            return None
+        parts.append(Fraction(part.replace(",", "")))
+    if parts[1] == 0:
         return None
-    return Fraction(text)
+    return -parts[0] / parts[1] if sign == "-" else parts[0] / parts[1]
 
 
-def extract_answer(completion: str) -> Fraction | None:
-    """The final answer: the last `#### n`, else the last `\\boxed{n}`, else the last number."""
-    if not completion or len(completion) > MAX_CHECKED_CHARS:
+def normalize_answer(text: str) -> Fraction | str | None:
+    """A number when the answer is one (so 0.5 == 1/2 == \\frac{1}{2}), else a canonical LaTeX string.
+
+    Drops what does not change the value: $, \\left/\\right, LaTeX spacing, degrees and percent signs,
+    \\text{...} wrappers, trailing units and periods, a leading `x =`; \\dfrac and \\tfrac are \\frac.
+    """
+    if text is None or len(text) > MAX_ANSWER_CHARS:
         return None
-    for pattern in (_FINAL_MARK, _BOXED, _NUMBER):
-        matches = pattern.findall(completion)
-        if matches:
-            return parse_number(matches[-1])
-    return None
+    text = _LATEX_TEXT.sub(r"\1", text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    text = _LATEX_SPACING.sub("", text).strip().rstrip(".").strip()
+    text = re.sub(r"^[a-zA-Z]\s*=\s*(?=[^=]+$)", "", text)  # x = 5 -> 5
+    text = re.sub(r"\\frac([0-9])([0-9])", r"\\frac{\1}{\2}", text)  # \frac12 -> \frac{1}{2}
+    if units := _UNIT_WORDS.fullmatch(text):
+        text = units.group(1)
+    number = parse_number(text)
+    if number is not None:
+        return number
+    text = re.sub(r"\s+", "", text)
+    return re.sub(r"\{([A-Za-z0-9])\}", r"\1", text) or None  # \sqrt{3} == \sqrt3, x^{2} == x^2
+
+
+def reference_answer(reference: str) -> str:
+    """A data set's answer field: its `####` or `\\boxed{}` answer when it is a worked solution, else itself."""
+    return extract_answer(reference) if "####" in reference or "\\boxed" in reference else reference
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    predicted_value, reference_value = normalize_answer(predicted), normalize_answer(reference_answer(reference))
+    return predicted_value is not None and type(predicted_value) is type(reference_value) and \
+        predicted_value == reference_value
 
 
 def reward(completion: str, answer: str) -> float:
-    """1.0 when the completion's final answer equals the reference answer exactly, else 0.0."""
-    predicted = extract_answer(completion)
-    return float(predicted is not None and predicted == parse_number(answer))
+    """1.0 when the completion's final answer equals the reference answer after normalisation, else 0.0."""
+    return float(answers_match(extract_answer(completion), answer))
 
+
+# Real data sets: one JSON object per line. The prompt asks for a \boxed{} answer; the checker also
+# reads GSM8K's `#### n`.
+PROMPT_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+MAX_REPORTED_BAD_LINES = 5
+
+
+def read_problems(path: str, task: str, question_field: str, answer_field: str) -> list[tuple[str, str]]:
+    """(prompt, reference answer) per usable line; each unusable line is reported with its line number."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file")
+    problems, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                bad.append(f"{path}:{number}: not valid JSON ({error.msg})")
+                continue
+            missing = [name for name in (question_field, answer_field)
+                       if not isinstance(row, dict) or not isinstance(row.get(name), (str, int, float))]
+            if missing:
+                bad.append(f"{path}:{number}: no text field {', '.join(repr(m) for m in missing)}")
+                continue
+            answer = normalize_answer(reference_answer(str(row[answer_field])))
+            if answer is None or (task == "gsm8k" and not isinstance(answer, Fraction)):
+                bad.append(f"{path}:{number}: the {answer_field!r} field has no checkable final answer")
+                continue
+            problems.append((str(row[question_field]) + PROMPT_SUFFIX, str(row[answer_field])))
+    for message in bad[:MAX_REPORTED_BAD_LINES]:
+        tqdm.write(f"skipped {message}", file=sys.stderr)
+    if len(bad) > MAX_REPORTED_BAD_LINES:
+        tqdm.write(f"skipped {len(bad) - MAX_REPORTED_BAD_LINES} more unusable lines of {path}", file=sys.stderr)
+    if not problems:
+        raise UsageError(f"{path}: no usable line" + (f" (first problem: {bad[0]})" if bad else " (the file is empty)"))
+    return problems
+
+
+def load_task(cfg: Config) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, eval) problems for --task: eval is --eval-data, or a fixed --eval-fraction of --data."""
+    if cfg.task == "arith":
+        return arithmetic_problems(cfg.eval_size)
+    problems = read_problems(cfg.data, cfg.task, cfg.question_field, cfg.answer_field)
+    if cfg.eval_data:
+        return problems, read_problems(cfg.eval_data, cfg.task, cfg.question_field, cfg.answer_field)[:cfg.eval_size]
+    random.Random(0).shuffle(problems)
+    held_out = max(1, round(cfg.eval_fraction * len(problems)))
+    if held_out >= len(problems):
+        raise UsageError(f"{cfg.data}: {len(problems)} usable problems leave none for training after holding out "
+                         f"--eval-fraction {cfg.eval_fraction}; give --eval-data or more lines")
+    return problems[held_out:], problems[:held_out][:cfg.eval_size]
+
+
+def math_verify_reward(completion: str, answer: str) -> float:
+    """--checker math_verify: the `math_verify` package's parser and comparison instead of ours."""
+    from math_verify import parse, verify  # optional; check_config says how to install it
+
+    if not completion or len(completion) > MAX_CHECKED_CHARS:
+        return 0.0
+    return float(verify(parse("$" + reference_answer(answer) + "$"), parse(completion)))
+
+
+CHECKERS = {"builtin": reward, "math_verify": math_verify_reward}  # --checker
 
 # ----------------------------------------------------------------------------------------------
 # Model: a tiny character-level Llama built in code and warm-started, or any HF causal LM.
@@ -236,13 +409,19 @@ def builtin_model():
     return build_tiny_model(tokenizer), tokenizer
 
 
-def load_pretrained(name_or_path: str):
-    """Any HF causal LM and its tokenizer through `from_pretrained`; a pad token is added if missing."""
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_prompts: bool = False):
+    """Any HF causal LM and its tokenizer through `from_pretrained`, fp32 weights (the master copy).
+
+    Completions end at the tokenizer's EOS (the end-of-turn token of chat models such as Qwen2.5 or
+    SmolLM2 Instruct); pad = EOS when the tokenizer has no pad token. plain_prompts drops the chat
+    template, so prompts are fed as raw text.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--model {name_or_path}: could not load it ({first_line})") from None
@@ -250,11 +429,18 @@ def load_pretrained(name_or_path: str):
         raise UsageError(f"--model {name_or_path}: its tokenizer has no EOS token, which ends completions")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # masks come from lengths, so pad == EOS is safe
+    if plain_prompts:
+        tokenizer.chat_template = None
     return model, tokenizer
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    return [tokenizer(p).input_ids for p in prompts]
+    """Token ids per prompt: one user turn and the assistant header when the tokenizer has a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [tokenizer(p).input_ids for p in prompts]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]  # the template has its BOS
 
 
 def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int = 64, lr: float = 3e-3) -> None:
@@ -263,7 +449,7 @@ def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int =
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     for _ in tqdm(range(steps), desc="warm start", leave=False):
-        batch = rng.sample(problems, batch_size)
+        batch = rng.sample(problems, batch_size) if len(problems) >= batch_size else rng.choices(problems, k=batch_size)
         prompt_ids = encode_prompts(tokenizer, [p for p, _ in batch])
         answer_ids = [tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for _, a in batch]
         width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
@@ -284,15 +470,23 @@ def load_model(cfg: Config, train_problems, device):
     """The policy at the start of RL (also the A*-PO reference), warm-started once and cached in --out."""
     steps = cfg.warm_start_steps if cfg.warm_start_steps >= 0 else (0 if cfg.model else BUILTIN_WARM_START_STEPS)
     source = cfg.model or "builtin-tiny-llama"
+
+    def load(path):
+        return load_pretrained(path, cfg.trust_remote_code, cfg.plain_prompts) if path else builtin_model()
+
     if steps == 0:
-        model, tokenizer = load_pretrained(cfg.model) if cfg.model else builtin_model()
+        model, tokenizer = load(cfg.model)
         return model, tokenizer, source
-    tag = hashlib.sha1(f"{os.path.abspath(cfg.model) if cfg.model else source}|{steps}".encode()).hexdigest()[:8]
-    cache_dir = os.path.join(cfg.out, f"warmstart_{tag}")
+    key = f"{os.path.abspath(cfg.model) if cfg.model else source}|{steps}"
+    if cfg.task != "arith":
+        key += f"|{cfg.task}|{os.path.abspath(cfg.data)}|{cfg.question_field}|{cfg.answer_field}"
+    if cfg.model and cfg.plain_prompts:
+        key += "|plain"
+    cache_dir = os.path.join(cfg.out, f"warmstart_{hashlib.sha1(key.encode()).hexdigest()[:8]}")
     if os.path.isdir(cache_dir):
-        model, tokenizer = load_pretrained(cache_dir)
+        model, tokenizer = load(cache_dir)
         return model, tokenizer, cache_dir
-    model, tokenizer = load_pretrained(cfg.model) if cfg.model else builtin_model()
+    model, tokenizer = load(cfg.model)
     model.to(device)
     started = time.time()
     warm_start(model, tokenizer, train_problems, steps, device)
@@ -316,7 +510,13 @@ class Rollout:
     completion_ids: torch.Tensor   # (N, T) pad after the first EOS
     completion_mask: torch.Tensor  # (N, T) bool: True up to and including the first EOS
     behavior_logp: torch.Tensor    # (N, T) fp32 log mu(y_t | x, y_<t) under the sampling temperature
+    truncated: torch.Tensor        # (N,) bool: no EOS within max_new_tokens
     staleness: int = 0             # optimizer steps since the generator that sampled it was refreshed
+
+    def rows(self, part: slice) -> Rollout:
+        """The rows `part` of every tensor (a micro-batch)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[part] for f in dataclasses.fields(self)
+                                            if f.name != "staleness"})
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,7 +592,7 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng)
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
     behavior_logp = torch.stack(logps, dim=1) * completion_mask
-    return prompt, prompt_mask, completion_ids, completion_mask, behavior_logp
+    return prompt, prompt_mask, completion_ids, completion_mask, behavior_logp, ~finished
 
 
 def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
@@ -415,6 +615,11 @@ def refresh_generator(generator, policy) -> None:
 def frozen_copy(model):
     """A copy with no gradients and no optimizer state: the generator mu, or the reference pi_ref."""
     return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the matmuls (weights, log-softmax and losses stay fp32), or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def completion_logprobs(model, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -665,21 +870,29 @@ def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
             for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
 
 
-def score(tokenizer, rollout: Rollout, answers: list[str], group_size: int) -> torch.Tensor:
-    """Rewards (groups, G) for a rollout whose prompts were repeated G times, answers one per prompt."""
+def score(tokenizer, rollout: Rollout, answers: list[str], group_size: int, checker=reward,
+          zero_truncated: bool = False) -> torch.Tensor:
+    """Rewards (groups, G) for a rollout whose prompts were repeated G times, answers one per prompt.
+
+    zero_truncated: a completion cut at max_new_tokens gets 0 whatever it says (--truncated zero).
+    """
     texts = completion_texts(tokenizer, rollout)
-    rewards = [reward(text, answers[row // group_size]) for row, text in enumerate(texts)]
-    return torch.tensor(rewards, device=rollout.completion_ids.device).view(-1, group_size)
+    rewards = [checker(text, answers[row // group_size]) for row, text in enumerate(texts)]
+    rewards = torch.tensor(rewards, device=rollout.completion_ids.device)
+    if zero_truncated:
+        rewards = rewards.masked_fill(rollout.truncated, 0.0)
+    return rewards.view(-1, group_size)
 
 
-def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256) -> float:
+def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256,
+             checker=reward) -> float:
     """Greedy accuracy on held-out problems."""
     correct = 0.0
     for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
         rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
                                      tokenizer.eos_token_id, tokenizer.pad_token_id, None)
-        correct += score(tokenizer, rollout, [a for _, a in batch], 1).sum().item()
+        correct += score(tokenizer, rollout, [a for _, a in batch], 1, checker).sum().item()
     return correct / len(problems)
 
 
@@ -689,15 +902,24 @@ def reference_values(reference, tokenizer, batch, cache: dict, cfg: Config, rng:
     if new:
         rollout = sample_groups(reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
                                 cfg.temperature, rng)
-        values = soft_value(score(tokenizer, rollout, [a for _, a in new], cfg.group_size), cfg.beta_value)
+        rewards = score(tokenizer, rollout, [a for _, a in new], cfg.group_size, CHECKERS[cfg.checker],
+                        zero_truncated=cfg.truncated == "zero")
+        values = soft_value(rewards, cfg.beta_value)
         cache.update({p: v for (p, _), v in zip(new, values.squeeze(-1).tolist())})
     device = next(reference.parameters()).device
     return torch.tensor([cache[p] for p, _ in batch], device=device)[:, None]
 
 
 def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=None, ref_value=None):
-    """Dispatch to the loss chosen by --loss with its hyper-parameters."""
-    behavior_logp, mask, norm = rollout.behavior_logp, rollout.completion_mask, cfg.length_normalize
+    """Dispatch to the loss chosen by --loss with its hyper-parameters.
+
+    With --truncated mask, completions cut at --max-new-tokens carry no gradient (their mask is empty)
+    but still count in their group's baseline.
+    """
+    mask = rollout.completion_mask
+    if cfg.truncated == "mask":
+        mask = mask & ~rollout.truncated[:, None]
+    behavior_logp, norm = rollout.behavior_logp, cfg.length_normalize
     if cfg.loss == "ppo":
         return ppo_loss(policy_logp, behavior_logp, mask, rewards, cfg.clip_eps)
     if cfg.loss == "tis":
@@ -711,6 +933,36 @@ def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=N
     if cfg.loss == "pmd":
         return pmd_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
     return shifted_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.shift, norm)
+
+
+def micro_batches(rollout: Rollout, micro_batch: int) -> list[slice]:
+    """Row slices of at most micro_batch rows (0: one slice with every row)."""
+    rows = rollout.completion_ids.shape[0]
+    size = micro_batch if 0 < micro_batch < rows else rows
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micro_batch: int, loss_of,
+                              precision: str = "fp32"):
+    """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
+
+    Every loss here is a mean over completions of a per-completion term (the advantages depend on the
+    rewards alone), so the full-batch gradient is the sum, over micro-batches, of the gradient of the
+    full-batch loss in which only that micro-batch's rows carry the graph (the other rows enter as
+    constants). No rescaling is needed and only one micro-batch's activations are alive at a time.
+    Returns the full-batch (loss, diagnostics) and the detached (policy_logp, entropy), both (N, T).
+    """
+    device = rollout.completion_ids.device
+    policy_logp, entropy = torch.zeros_like(rollout.behavior_logp), torch.zeros_like(rollout.behavior_logp)
+    for part in micro_batches(rollout, micro_batch):
+        with autocast(device, precision):
+            part_logp, entropy[part] = completion_logprobs(policy, rollout.rows(part), temperature)
+        with_graph = torch.cat([policy_logp[:part.start], part_logp, policy_logp[part.stop:]])
+        loss, _ = loss_of(with_graph)
+        loss.backward()
+        policy_logp[part] = part_logp.detach()
+    loss, diagnostics = loss_of(policy_logp)
+    return loss, diagnostics, policy_logp, entropy
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -729,12 +981,38 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def train(cfg: Config) -> dict:
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass. HF layers checkpoint only when
+    `.training`, so that flag is set on the checkpointed modules alone: dropout stays off."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process (GiB), and peak allocated CUDA memory on a GPU."""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    record = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 30}
+    if device.type == "cuda":
+        record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return record
+
+
+def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    precision = cfg.precision if cfg.precision != "auto" else (
+        "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    checker = CHECKERS[cfg.checker]
     run_dir = run_folder(cfg)
     metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoint.pt")
-    train_problems, eval_problems = arithmetic_problems(cfg.eval_size)
+    train_problems, eval_problems = problems or load_task(cfg)
+    if len(train_problems) < cfg.prompts_per_step:
+        raise UsageError(f"{len(train_problems)} training problems are fewer than --prompts-per-step "
+                         f"{cfg.prompts_per_step}")
     policy, tokenizer, source = load_model(cfg, train_problems, device)
     policy.to(device).eval()  # no dropout: the generator and the policy must compute the same log-probs
     generator = frozen_copy(policy)                                     # mu, refreshed every `lag` steps
@@ -742,6 +1020,14 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
     ref_values: dict[str, float] = {}
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(policy)
+    eval_batch = cfg.prompts_per_step * cfg.group_size  # the rollout's memory footprint
+
+    def accuracy() -> float:
+        with autocast(device, precision):
+            return evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens, eval_batch, checker)
+
     os.makedirs(run_dir, exist_ok=True)
 
     def checkpoint(step: int) -> None:
@@ -767,9 +1053,9 @@ def train(cfg: Config) -> dict:
     else:
         start_step = 0
         with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "model_source": source, "device": str(device)}, f, indent=1)
-        append_metrics(metrics_path, {"step": 0, "eval_accuracy": evaluate(policy, tokenizer, eval_problems,
-                                                                           cfg.max_new_tokens)})
+            json.dump({**dataclasses.asdict(cfg), "model_source": source, "device": str(device),
+                       "resolved_precision": precision}, f, indent=1)
+        append_metrics(metrics_path, {"step": 0, "eval_accuracy": accuracy()})
         checkpoint(0)
     history = read_metrics(metrics_path)
     evals = [m["eval_accuracy"] for m in history if "eval_accuracy" in m]
@@ -785,25 +1071,28 @@ def train(cfg: Config) -> dict:
             refresh_generator(generator, policy)
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
         tick = time.time()
-        rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, sample_rng, staleness)
+        with autocast(device, precision):
+            rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
+                                    cfg.temperature, sample_rng, staleness)
         rollout_seconds = time.time() - tick
-        rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size)  # (groups, G)
+        rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, checker,
+                        zero_truncated=cfg.truncated == "zero")  # (groups, G)
 
         # 2. the update
         tick = time.time()
-        policy_logp, entropy = completion_logprobs(policy, rollout, cfg.temperature)
         ref_logp = ref_value = None
         if reference is not None:
-            ref_value = reference_values(reference, tokenizer, batch, ref_values, cfg, sample_rng)
-            with torch.no_grad():
-                ref_logp, _ = completion_logprobs(reference, rollout, cfg.temperature)
-        loss, diagnostics = compute_loss(cfg, policy_logp, rollout, rewards, ref_logp, ref_value)
+            with autocast(device, precision):
+                ref_value = reference_values(reference, tokenizer, batch, ref_values, cfg, sample_rng)
+                ref_logp = torch.cat([completion_logprobs(reference, rollout.rows(part), cfg.temperature)[0]
+                                      for part in micro_batches(rollout, cfg.micro_batch)])
+        optimizer.zero_grad(set_to_none=True)
+        loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
+            policy, rollout, cfg.temperature, cfg.micro_batch,
+            lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss.item()} at step {step}; the last good checkpoint stays in "
                                    f"{checkpoint_path}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm.item()} at step {step}; the last good checkpoint "
@@ -832,10 +1121,11 @@ def train(cfg: Config) -> dict:
             record.update(regime_diagnostics(advantages, rewards, cfg.beta))
         totals["rollout_seconds"] += rollout_seconds
         totals["rollout_tokens"] += tokens
-        record.update(rollout_seconds=rollout_seconds, update_seconds=update_seconds,
-                      rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9))
+        record.update(truncated_fraction=rollout.truncated.float().mean().item(), rollout_seconds=rollout_seconds,
+                      update_seconds=update_seconds, rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9),
+                      update_tokens_per_s=tokens / max(update_seconds, 1e-9), **peak_memory(device))
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["eval_accuracy"] = evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens)
+            record["eval_accuracy"] = accuracy()
             evals.append(record["eval_accuracy"])
         append_metrics(metrics_path, record)
         totals["seconds"] = time.time() - started
@@ -920,6 +1210,7 @@ def cell_label(cell: Config) -> str:
 def run_grid(cfg: Config) -> list[dict]:
     """Run every unfinished cell in turn, then write compare.md / compare.csv (and plots) under --out."""
     cells = grid_cells(cfg)
+    problems = load_task(cfg)  # the same data for every cell
     for cell in tqdm(cells, desc="grid", dynamic_ncols=True):
         folder = run_folder(cell)
         summary_path = os.path.join(folder, "summary.json")
@@ -928,7 +1219,7 @@ def run_grid(cfg: Config) -> list[dict]:
                 if json.load(f)["steps"] >= cell.steps:
                     continue  # finished: never rerun
         resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
-        train(dataclasses.replace(cell, resume=resume))
+        train(dataclasses.replace(cell, resume=resume), problems)
     runs = grouped_runs(cells)
     rows = grid_table(runs)
     os.makedirs(cfg.out, exist_ok=True)
@@ -1051,7 +1342,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_grid_table(run_grid(cfg)))
             print(f"tables: {os.path.join(cfg.out, 'compare.md')}, {os.path.join(cfg.out, 'compare.csv')}")
             return 0
-        summary = train(cfg)
+        summary = train(cfg, load_task(cfg))  # a bad data file stops here, before any model is loaded
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
