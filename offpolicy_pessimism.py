@@ -416,12 +416,15 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_pr
     SmolLM2 Instruct); pad = EOS when the tokenizer has no pad token. plain_prompts drops the chat
     template, so prompts are fed as raw text.
     """
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32,
-                                                     trust_remote_code=trust_remote_code)
+        dtype_kwarg = "dtype" if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56) \
+            else "torch_dtype"  # renamed in transformers 4.56
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                     **{dtype_kwarg: torch.float32})
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--model {name_or_path}: could not load it ({first_line})") from None
@@ -984,7 +987,10 @@ def read_metrics(path: str) -> list[dict]:
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each layer's activations in the backward pass. HF layers checkpoint only when
     `.training`, so that flag is set on the checkpointed modules alone: dropout stays off."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) is True:
             module.training = True

@@ -1,5 +1,6 @@
 """Tests that read like the claims they check. Run: python -m pytest -q test_offpolicy_pessimism.py"""
 
+import importlib.util
 import json
 import math
 import os
@@ -251,6 +252,67 @@ def test_reward_checker_cases(completion, answer, expected):
     assert op.reward(completion, answer) == expected
 
 
+MATH_CASES = {  # name: (completion, reference answer, reward)
+    "gsm8k final mark": ("She pays 3 * 4 = 12.\n#### 12", "Total: 3 * 4 = 12\n#### 12", 1.0),
+    "gsm8k commas": ("#### 1,234,567", "1234567", 1.0),
+    "gsm8k dollar sign": ("#### $18", "18", 1.0),
+    "boxed nested braces": ("so \\boxed{\\frac{\\sqrt{3}}{2}}.", "\\frac{\\sqrt{3}}{2}", 1.0),
+    "boxed takes the last box": ("\\boxed{1} no, \\boxed{2}", "2", 1.0),
+    "boxed unbalanced is no answer": ("\\boxed{\\frac{1}{2}", "1", 0.0),
+    "frac equals decimal": ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    "slash equals frac": ("the answer is 1/2", "\\frac{1}{2}", 1.0),
+    "decimal equals slash": ("\\boxed{0.5}", "1/2", 1.0),
+    "dfrac is frac": ("\\boxed{\\dfrac{3}{4}}", "\\frac34", 1.0),
+    "negative frac": ("\\boxed{-\\frac{1}{2}}", "-0.5", 1.0),
+    "negative is not positive": ("\\boxed{-\\frac{1}{2}}", "\\frac{1}{2}", 0.0),
+    "negative number": ("\\boxed{-7}", "-7", 1.0),
+    "latex thousands": ("\\boxed{11,\\! 111,\\! 100}", "11111100", 1.0),
+    "text units": ("\\boxed{5.4 \\text{ cents}}", "5.4", 1.0),
+    "plain units": ("\\boxed{18 dollars}", "18", 1.0),
+    "trailing period": ("The answer is 12.", "12", 1.0),
+    "boxed trailing period": ("\\boxed{12.}", "12", 1.0),
+    "degrees": ("\\boxed{90^\\circ}", "90", 1.0),
+    "percent": ("\\boxed{10\\%}", "10", 1.0),
+    "variable prefix": ("\\boxed{x = 5}", "5", 1.0),
+    "tuple with left right": ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\frac{\\pi}{2})", 1.0),
+    "symbolic mismatch": ("\\boxed{2\\sqrt{3}}", "3\\sqrt{2}", 0.0),
+    "tuple is not a thousands number": ("\\boxed{(1,234)}", "1234", 0.0),
+    "zero denominator": ("\\boxed{1/0}", "1", 0.0),
+}
+
+
+@pytest.mark.parametrize("name", MATH_CASES)
+def test_math_checker_case(name):
+    completion, answer, expected = MATH_CASES[name]
+    assert op.reward(completion, answer) == expected
+
+
+def test_half_has_one_normal_form():
+    assert op.normalize_answer("0.5") == op.normalize_answer("1/2") == op.normalize_answer("\\frac{1}{2}") == \
+        op.normalize_answer("\\dfrac12") == op.Fraction(1, 2)
+
+
+SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "gsm8k")), reason="../shared/data/gsm8k is absent")
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_real_gsm8k_final_answer_parses_as_a_number(split):
+    with open(os.path.join(SHARED_DATA, "gsm8k", f"{split}.jsonl")) as f:
+        answers = [json.loads(line)["answer"] for line in f]
+    unparsed = [a[-40:] for a in answers if not isinstance(op.normalize_answer(op.reference_answer(a)), op.Fraction)]
+    assert len(answers) > 1000 and unparsed == []
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "math500")), reason="../shared/data/math500 is absent")
+def test_real_math500_boxed_answers_match_their_answer_field():
+    with open(os.path.join(SHARED_DATA, "math500", "test.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    misses = [(row["answer"], op.extract_answer(row["solution"])) for row in rows
+              if op.reward(row["solution"], row["answer"]) != 1.0]
+    assert len(rows) == 500 and len(misses) <= 0.02 * len(rows), misses
+
+
 @pytest.mark.parametrize("hostile", [
     "__import__('os').system('rm -rf /')", "print(40 + 6)", "1" * 10_000_000, "\u0664\u0666", "\uff14\uff16", "4" * 200,
     "\\boxed{__import__('os')}", "#### 9" * 100,
@@ -477,3 +539,220 @@ def test_grid_can_vary_beta_and_the_warm_start_strength():
     assert {(c.beta, c.warm_start_steps) for c in cells} == {(0.05, 300), (0.05, 1200), (0.2, 300), (0.2, 1200)}
     assert "oapl beta_v=0.4 beta=0.05 warm=1200" in {op.cell_label(c) for c in cells}
     assert len({op.run_folder(c) for c in cells}) == len(cells) == len({op.cell_label(c) for c in cells})
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models and data files: chat templates, JSONL tasks, micro-batches, memory savers
+# ---------------------------------------------------------------------------------------------
+CHAT_STYLES = {
+    "qwen2": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", pad="<|endoftext|>",
+                  bos=None, template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                                     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                                     "{% endif %}"),
+    "llama": dict(special=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                  eos="<|eot_id|>", pad=None, bos="<|begin_of_text|>",  # no pad token: pad = EOS
+                  template="<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+                           "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+}
+
+
+def save_chat_model(style: str, folder) -> str:
+    """A tiny randomly initialised Qwen2- or Llama-style model and a byte-level tokenizer (one token per byte,
+    like the real ones without their merges) with special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    spec = CHAT_STYLES[style]
+    vocab = {tok: i for i, tok in enumerate(spec["special"])}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(spec["special"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=spec["eos"], pad_token=spec["pad"],
+                                        bos_token=spec["bos"])
+    tokenizer.chat_template = spec["template"]
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    model = (Qwen2ForCausalLM(Qwen2Config(**common)) if style == "qwen2" else LlamaForCausalLM(LlamaConfig(**common)))
+    path = os.path.join(folder, f"tiny-{style}")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        f.writelines((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    return str(path)
+
+
+ADDITION_ROWS = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+                 for a in range(3) for b in range(4)]
+
+
+@pytest.mark.parametrize("style", ["qwen2", "llama"])
+def test_the_full_loop_runs_on_a_saved_chat_model_and_a_jsonl_task(style, tmp_path):
+    saved = save_chat_model(style, tmp_path)
+    model, tokenizer = op.load_pretrained(saved)
+    ids = op.encode_prompts(tokenizer, ["What is 1 plus 2?"])[0]
+    first = CHAT_STYLES[style]["special"][1 if style == "qwen2" else 0]
+    assert ids[0] == tokenizer.convert_tokens_to_ids(first)  # the template's first token
+    if style == "llama":
+        assert ids.count(ids[0]) == 1  # the template's BOS, and no second one from the tokenizer
+    assert tokenizer.decode(ids).endswith("\n") and "user" in tokenizer.decode(ids)
+    plain = op.load_pretrained(saved, plain_prompts=True)[1]
+    assert op.encode_prompts(plain, ["hi"])[0] == plain("hi").input_ids
+
+    data = write_jsonl(tmp_path / "train.jsonl", ADDITION_ROWS)
+    out = tmp_path / "out"
+    argv = ["--model", saved, "--task", "jsonl", "--data", data, "--out", str(out), "--steps", "2",
+            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "5", "--eval-every", "2",
+            "--eval-fraction", "0.25", "--micro-batch", "4", "--loss", "ppo"]
+    assert op.main(argv) == 0
+    (run,) = os.listdir(out)
+    metrics = op.read_metrics(out / run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for key in ("truncated_fraction", "update_tokens_per_s", "rollout_tokens_per_s", "peak_rss_gb", "loss"):
+        assert all(math.isfinite(m[key]) for m in metrics[1:]), key
+    assert all(m["update_tokens_per_s"] > 0 and m["peak_rss_gb"] > 0 for m in metrics[1:])
+
+
+@pytest.mark.parametrize("style", ["qwen2", "llama"])
+def test_chat_model_behavior_logprobs_equal_the_policy_at_staleness_zero(style, tmp_path):
+    model, tokenizer = op.load_pretrained(save_chat_model(style, tmp_path))
+    model.eval()
+    prompts = ["What is 1 plus 2?", "Hi", "A much longer question about numbers?"]
+    rollout = op.sample_groups(model, tokenizer, prompts, 2, 6, 1.0, torch.Generator().manual_seed(0))
+    policy_logp, _ = op.completion_logprobs(model, rollout, 1.0)
+    assert rollout.prompt_mask.sum(-1).unique().numel() == 3  # left padding with three lengths
+    assert (policy_logp.detach() - rollout.behavior_logp)[rollout.completion_mask].abs().max() < 1e-5
+
+
+def perturbed_batch(tiny, rows_per_prompt=4):
+    """A rollout from the tiny model and a policy moved away from it, so ratios differ from 1."""
+    model, tokenizer = tiny
+    prompts = ["7+3=", "45+21=", "99+29="]
+    rollout = op.sample_groups(model, tokenizer, prompts, rows_per_prompt, 6, 1.0, torch.Generator().manual_seed(3))
+    policy = op.build_tiny_model(tokenizer, seed=0)
+    policy.load_state_dict(model.state_dict())
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    return policy.eval(), rollout, rewards
+
+
+def gradients_of(policy, rollout, rewards, cfg, micro_batch):
+    policy.zero_grad(set_to_none=True)
+    ref_logp = rollout.behavior_logp - 0.1 * rollout.completion_mask
+    ref_value = torch.tensor([[0.3], [0.2], [0.8]])
+    loss, _, logp, _ = op.backward_in_micro_batches(
+        policy, rollout, 1.0, micro_batch, lambda lp: op.compute_loss(cfg, lp, rollout, rewards, ref_logp, ref_value))
+    return loss.item(), [p.grad.clone() for p in policy.parameters()], logp
+
+
+@pytest.mark.parametrize("loss", op.LOSSES)
+def test_micro_batches_give_the_full_batch_loss_and_gradient(loss, tiny):
+    policy, rollout, rewards = perturbed_batch(tiny)
+    cfg = op.Config(loss=loss)
+    full_loss, full_grads, full_logp = gradients_of(policy, rollout, rewards, cfg, 0)
+    for micro_batch in (1, 5):  # 12 rows: single rows, and uneven slices that cut groups apart
+        micro_loss, micro_grads, micro_logp = gradients_of(policy, rollout, rewards, cfg, micro_batch)
+        assert micro_loss == pytest.approx(full_loss, abs=1e-6)
+        assert torch.allclose(micro_logp, full_logp, atol=1e-5)
+        assert sum(g.abs().sum() for g in full_grads) > 0
+        for g_full, g_micro in zip(full_grads, micro_grads):
+            assert torch.allclose(g_micro, g_full, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny):
+    policy, rollout, rewards = perturbed_batch(tiny)
+    cfg = op.Config(loss="shifted")
+    _, plain, _ = gradients_of(policy, rollout, rewards, cfg, 0)
+    op.enable_gradient_checkpointing(policy)
+    assert any(getattr(m, "gradient_checkpointing", False) and m.training for m in policy.modules())
+    assert not any(isinstance(m, torch.nn.Dropout) and m.training for m in policy.modules())
+    _, checkpointed, _ = gradients_of(policy, rollout, rewards, cfg, 0)
+    for a, b in zip(plain, checkpointed):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_truncated_completions_get_zero_reward_or_no_gradient(tiny):
+    model, tokenizer = tiny
+    rollout = op.sample_groups(model, tokenizer, ["12+3="], 16, 2, 3.0, torch.Generator().manual_seed(1))
+    assert 0 < int(rollout.truncated.sum()) < 16
+    always_right = lambda completion, answer: 1.0  # noqa: E731
+    kept = op.score(tokenizer, rollout, ["15"], 16, always_right)
+    zeroed = op.score(tokenizer, rollout, ["15"], 16, always_right, zero_truncated=True)
+    assert torch.all(kept == 1) and torch.equal(zeroed[0] == 0, rollout.truncated)
+    policy_logp = rollout.behavior_logp.clone().requires_grad_(True)
+    op.compute_loss(op.Config(loss="shifted", truncated="mask"), policy_logp, rollout, zeroed)[0].backward()
+    assert torch.all(policy_logp.grad[rollout.truncated] == 0)
+    assert policy_logp.grad[~rollout.truncated].abs().sum() > 0
+
+
+def test_bf16_autocast_runs_and_keeps_fp32_log_probs(tiny):
+    policy, rollout, _ = perturbed_batch(tiny)
+    with op.autocast(torch.device("cpu"), "bf16"):
+        logp, _ = op.completion_logprobs(policy, rollout, 1.0)
+    fp32_logp, _ = op.completion_logprobs(policy, rollout, 1.0)
+    assert logp.dtype == torch.float32 and next(policy.parameters()).dtype == torch.float32
+    assert 0 < (logp - fp32_logp).abs().max() < 0.1  # bf16 matmuls: close, not identical
+
+
+BAD_DATA = {  # name: (file lines, message on stderr, exit code)
+    "invalid json line": (['{"question": "1+1?", "answer": "#### 2"}', "{not json", '{"question": "2+2?", "answer": "4"}'],
+                          "data.jsonl:2: not valid JSON", 0),
+    "missing field": (['{"question": "1+1?", "answer": "#### 2"}', '{"prompt": "x", "answer": "1"}',
+                       '{"question": "3+1?", "answer": "4"}'], "data.jsonl:2: no text field 'question'", 0),
+    "no usable line": (['{"q": 1}', "[]"], "data.jsonl: no usable line (first problem: ", 2),
+    "empty file": ([], "no usable line (the file is empty)", 2),
+    "gsm8k without a final number": (['{"question": "q", "answer": "It is large."}'], "no checkable final answer", 2),
+}
+
+
+@pytest.mark.parametrize("name", BAD_DATA)
+def test_bad_data_files_give_their_messages(name, tmp_path, capsys):
+    lines, message, code = BAD_DATA[name]
+    data = write_jsonl(tmp_path / "data.jsonl", lines)
+    task = "gsm8k" if "gsm8k" in name else "jsonl"
+    argv = ["--task", task, "--data", data, "--out", str(tmp_path / "out"), "--steps", "1", "--prompts-per-step", "1",
+            "--group-size", "2", "--eval-data", data, "--warm-start-steps", "0", "--max-new-tokens", "2"]
+    assert op.main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err
+    if code == 2:
+        assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "gsm8k"], "--task gsm8k needs --data FILE.jsonl"),
+    (["--data", "x.jsonl"], "--data and --eval-data are for --task gsm8k, math or jsonl"),
+    (["--task", "math", "--data", "/no/such.jsonl"], "/no/such.jsonl: no such file"),
+    (["--micro-batch", "-1"], "--micro-batch must be at least 0"),
+])
+def test_bad_task_flags_stop_before_any_work(argv, message, tmp_path, capsys):
+    assert op.main(["--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_fraction_holds_out_problems_never_trained_on(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ADDITION_ROWS)
+    cfg = op.parse_config(["--task", "gsm8k", "--data", data, "--eval-fraction", "0.25"])
+    train, held_out = op.load_task(cfg)
+    assert len(held_out) == 3 and len(train) == 9 and not set(train) & set(held_out)
+    assert cfg.max_new_tokens == 512 and cfg.question_field == "question"
+    assert op.parse_config(["--task", "math", "--data", data]).question_field == "problem"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("math_verify") is not None, reason="math_verify is installed")
+def test_math_verify_checker_without_the_package_says_how_to_install_it(tmp_path, capsys):
+    assert op.main(["--out", str(tmp_path / "out"), "--checker", "math_verify"]) == 2
+    assert "pip install math-verify" in capsys.readouterr().err
