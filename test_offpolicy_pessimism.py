@@ -756,3 +756,11 @@ def test_eval_fraction_holds_out_problems_never_trained_on(tmp_path):
 def test_math_verify_checker_without_the_package_says_how_to_install_it(tmp_path, capsys):
     assert op.main(["--out", str(tmp_path / "out"), "--checker", "math_verify"]) == 2
     assert "pip install math-verify" in capsys.readouterr().err
+
+
+def test_math_verify_checker_compares_symbolically_when_installed():
+    pytest.importorskip("math_verify")
+    assert op.math_verify_reward("\\boxed{2\\sqrt{3}}", "\\sqrt{12}") == 1.0  # algebra the built-in checker lacks
+    assert op.reward("\\boxed{2\\sqrt{3}}", "\\sqrt{12}") == 0.0
+    assert op.math_verify_reward("\\boxed{3}", "4") == 0.0
+    assert op.math_verify_reward("#### 72", "48/2 = 24 clips in May.\n#### 72") == 1.0
