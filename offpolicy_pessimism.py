@@ -106,6 +106,10 @@ class Config:
     out: str = flag("runs", "folder for run sub-folders and the cached warm start")
     device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
+    bench: int = flag(0, "benchmark: time N RL steps after one warm-up step, print them and write bench_*.json "
+                         "in --out (0: train)")
+    bench_shape: str = flag("", "benchmark a randomly initialised model of this shape (offline) instead of --model",
+                            choices=("", "smollm2-135m"))
     compare: bool = flag(False, "run the grid losses x lags x seeds (same budget per cell), write a table")
     preset: str = flag("", "compare: lags = 5 losses x lags 1-256 x 3 seeds; regimes = oapl/shifted sweep at lag 64",
                        choices=("", "lags", "regimes"))
@@ -142,7 +146,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 def check_config(cfg: Config) -> None:
     """Raise UsageError for any setting that cannot work, before anything is loaded or built."""
     at_least = {"lag": 1, "steps": 1, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 1,
-                "eval_size": 1, "eval_every": 1, "warm_start_steps": -1, "micro_batch": 0}
+                "eval_size": 1, "eval_every": 1, "warm_start_steps": -1, "micro_batch": 0, "bench": 0}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
@@ -173,6 +177,14 @@ def check_config(cfg: Config) -> None:
             import math_verify  # noqa: F401
         except ImportError:
             raise UsageError("--checker math_verify needs the math_verify package: pip install math-verify") from None
+    if cfg.bench_shape and not cfg.bench:
+        raise UsageError("--bench-shape only applies to --bench N")
+    if cfg.bench_shape and (cfg.model or cfg.task != "arith"):
+        raise UsageError("--bench-shape builds its own model on few-shot addition prompts; drop --model / --task")
+    if cfg.bench:
+        if cfg.compare or cfg.resume:
+            raise UsageError("--bench times a few steps on its own; drop --compare / --resume")
+        return
     if cfg.compare:
         if cfg.resume:
             raise UsageError("--compare resumes unfinished cells and skips finished ones by itself; drop --resume")
@@ -191,7 +203,8 @@ GRID_FLAGS = ("compare", "preset", "losses", "lags", "seeds", "beta_values", "sh
 
 def run_folder(cfg: Config) -> str:
     """One folder per setting: the budget (steps, eval cadence), device, memory savers and resume are not part of it."""
-    budget = {"steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", *GRID_FLAGS}
+    budget = {"steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "bench",
+              "bench_shape", *GRID_FLAGS}
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in budget}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
@@ -377,14 +390,16 @@ CHECKERS = {"builtin": reward, "math_verify": math_verify_reward}  # --checker
 # ----------------------------------------------------------------------------------------------
 # Model: a tiny character-level Llama built in code and warm-started, or any HF causal LM.
 # ----------------------------------------------------------------------------------------------
-def build_char_tokenizer():
-    """A character-level tokenizer for the arithmetic task, as a real `PreTrainedTokenizerFast`."""
+def build_char_tokenizer(vocab_size: int = 0):
+    """A character-level tokenizer for the arithmetic task, as a real `PreTrainedTokenizerFast`;
+    vocab_size > 20 pads it with unused entries (to match a bigger model's vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # installed with transformers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
     for ch in "0123456789+-=#., ":
         vocab[ch] = len(vocab)
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), vocab_size)})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
     backend.decoder = decoders.Fuse()
@@ -407,6 +422,25 @@ def build_tiny_model(tokenizer, seed: int = 0):
 def builtin_model():
     tokenizer = build_char_tokenizer()
     return build_tiny_model(tokenizer), tokenizer
+
+
+MODEL_SHAPES = {  # --bench-shape: published configurations, built with random weights so they run offline
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+
+def shape_model(shape: str, seed: int = 0):
+    """A Llama of the named shape with random weights, and the character tokenizer padded to its vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(MODEL_SHAPES[shape])
+    tokenizer = build_char_tokenizer(config["vocab_size"])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**config, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return model, tokenizer
 
 
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_prompts: bool = False):
@@ -984,6 +1018,61 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+@dataclass
+class StepResult:
+    rollout: Rollout
+    rewards: torch.Tensor      # (groups, G)
+    loss: torch.Tensor         # the full-batch loss, detached
+    diagnostics: dict
+    policy_logp: torch.Tensor  # (N, T) detached: the policy before the update
+    entropy: torch.Tensor      # (N, T)
+    grad_norm: torch.Tensor    # before clipping
+    seconds: dict              # generation (and A*-PO's V_ref sampling), logprobs (pi_ref's), update
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # so that wall-clock timings include the queued GPU work
+
+
+def rl_step(cfg: Config, policy, generator, reference, optimizer, tokenizer, batch: list[tuple[str, str]],
+            staleness: int, sample_rng: torch.Generator, ref_values: dict, precision: str) -> StepResult:
+    """One optimizer step: G completions per prompt from the generator, rewards, loss, backward, AdamW."""
+    device = next(policy.parameters()).device
+    seconds, tick = {}, time.perf_counter()
+    with autocast(device, precision):
+        rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
+                                cfg.temperature, sample_rng, staleness)
+        ref_value = None if reference is None else reference_values(reference, tokenizer, batch, ref_values, cfg,
+                                                                    sample_rng)
+    rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, CHECKERS[cfg.checker],
+                    zero_truncated=cfg.truncated == "zero")  # (groups, G)
+    synchronize(device)
+    seconds["generation"], tick = time.perf_counter() - tick, time.perf_counter()
+
+    ref_logp = None
+    if reference is not None:  # the only extra pass: behaviour log-probs were recorded while sampling
+        with autocast(device, precision):
+            ref_logp = torch.cat([completion_logprobs(reference, rollout.rows(part), cfg.temperature)[0]
+                                  for part in micro_batches(rollout, cfg.micro_batch)])
+    synchronize(device)
+    seconds["logprobs"], tick = time.perf_counter() - tick, time.perf_counter()
+
+    optimizer.zero_grad(set_to_none=True)
+    loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
+        policy, rollout, cfg.temperature, cfg.micro_batch,
+        lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision)
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"loss is {loss.item()}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    if not torch.isfinite(grad_norm):
+        raise TrainingDiverged(f"gradient norm is {grad_norm.item()}")
+    optimizer.step()
+    synchronize(device)
+    seconds["update"] = time.perf_counter() - tick
+    return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, seconds)
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each layer's activations in the backward pass. HF layers checkpoint only when
     `.training`, so that flag is set on the checkpointed modules alone: dropout stays off."""
@@ -1007,12 +1096,16 @@ def peak_memory(device: torch.device) -> dict:
     return record
 
 
-def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
+def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     precision = cfg.precision if cfg.precision != "auto" else (
         "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    checker = CHECKERS[cfg.checker]
+    return device, precision
+
+
+def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
+    device, precision = device_and_precision(cfg)
     run_dir = run_folder(cfg)
     metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoint.pt")
     train_problems, eval_problems = problems or load_task(cfg)
@@ -1032,7 +1125,7 @@ def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
 
     def accuracy() -> float:
         with autocast(device, precision):
-            return evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens, eval_batch, checker)
+            return evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens, eval_batch, CHECKERS[cfg.checker])
 
     os.makedirs(run_dir, exist_ok=True)
 
@@ -1076,35 +1169,16 @@ def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
         if staleness == 0:
             refresh_generator(generator, policy)
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
-        tick = time.time()
-        with autocast(device, precision):
-            rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
-                                    cfg.temperature, sample_rng, staleness)
-        rollout_seconds = time.time() - tick
-        rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, checker,
-                        zero_truncated=cfg.truncated == "zero")  # (groups, G)
-
-        # 2. the update
-        tick = time.time()
-        ref_logp = ref_value = None
-        if reference is not None:
-            with autocast(device, precision):
-                ref_value = reference_values(reference, tokenizer, batch, ref_values, cfg, sample_rng)
-                ref_logp = torch.cat([completion_logprobs(reference, rollout.rows(part), cfg.temperature)[0]
-                                      for part in micro_batches(rollout, cfg.micro_batch)])
-        optimizer.zero_grad(set_to_none=True)
-        loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
-            policy, rollout, cfg.temperature, cfg.micro_batch,
-            lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss is {loss.item()} at step {step}; the last good checkpoint stays in "
-                                   f"{checkpoint_path}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise TrainingDiverged(f"gradient norm is {grad_norm.item()} at step {step}; the last good checkpoint "
-                                   f"stays in {checkpoint_path}")
-        optimizer.step()
-        update_seconds = time.time() - tick
+        try:  # 2. sample with the generator, score, update the policy
+            result = rl_step(cfg, policy, generator, reference, optimizer, tokenizer, batch, staleness, sample_rng,
+                             ref_values, precision)
+        except TrainingDiverged as error:
+            raise TrainingDiverged(f"{error} at step {step}; the last good checkpoint stays in {checkpoint_path}")
+        rollout, rewards, loss, diagnostics, policy_logp, entropy, grad_norm = (
+            result.rollout, result.rewards, result.loss, result.diagnostics, result.policy_logp, result.entropy,
+            result.grad_norm)
+        rollout_seconds = result.seconds["generation"]
+        update_seconds = result.seconds["logprobs"] + result.seconds["update"]
 
         # 3. diagnostics, on the batch as the policy saw it before this update
         mask = rollout.completion_mask
@@ -1331,6 +1405,121 @@ def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# Benchmark: seconds per RL step (generation / reference log-probs / update), tokens/s, peak memory,
+# and the share of the machine's measured matmul throughput that the step's useful FLOPs reach.
+# ----------------------------------------------------------------------------------------------
+def few_shot_prompts(problems: list[tuple[str, str]], count: int, min_chars: int, rng: random.Random):
+    """Addition prompts of at least min_chars characters (= tokens): solved examples, then the question."""
+    prompts = []
+    for _ in range(count):
+        question, answer = rng.choice(problems)
+        shots = ""
+        while len(shots) + len(question) < min_chars:
+            shot_question, shot_answer = rng.choice(problems)
+            shots += f"{shot_question}{shot_answer} "
+        prompts.append((shots + question, answer))
+    return prompts
+
+
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 2048,
+                            min_seconds: float = 1.0) -> float:
+    """Measured GEMM throughput: (size x size) @ (size x size) products, repeated for min_seconds."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    torch.matmul(a, b)  # warm-up
+    synchronize(device)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < min_seconds or count < 3:
+        torch.matmul(a, b)
+        count += 1
+        if count % 8 == 0 or device.type != "cuda":
+            synchronize(device)
+    synchronize(device)
+    return 2 * size ** 3 * count / (time.perf_counter() - started)
+
+
+def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
+    """--bench N: one warm-up step, then N timed RL steps of the configured loss, lag and batch shape."""
+    device, precision = device_and_precision(cfg)
+    train_problems = problems[0]
+    if cfg.bench_shape:
+        policy, tokenizer = shape_model(cfg.bench_shape)
+        train_problems = few_shot_prompts(train_problems, 4096, 40, random.Random(0))  # chat-length prompts
+        source = f"{cfg.bench_shape} (random weights)"
+    else:
+        policy, tokenizer, source = load_model(dataclasses.replace(cfg, warm_start_steps=0), train_problems, device)
+    policy.to(device).eval()
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(policy)
+    generator = frozen_copy(policy)
+    reference = frozen_copy(policy) if cfg.loss == "apo" else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
+    timed = {"generation": 0.0, "logprobs": 0.0, "update": 0.0, "generated_tokens": 0, "trained_tokens": 0}
+    for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
+        staleness = step % cfg.lag
+        tick = time.perf_counter()
+        if staleness == 0:
+            refresh_generator(generator, policy)
+        refresh_seconds = time.perf_counter() - tick
+        batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
+        result = rl_step(cfg, policy, generator, reference, optimizer, tokenizer, batch, staleness, sample_rng, {},
+                         precision)
+        if step == 0:
+            continue  # warm-up: allocator, kernels, first-call overheads
+        timed["generation"] += result.seconds["generation"] + refresh_seconds
+        timed["logprobs"] += result.seconds["logprobs"]
+        timed["update"] += result.seconds["update"]
+        timed["generated_tokens"] += int(result.rollout.completion_mask.sum())
+        timed["trained_tokens"] += int(result.rollout.completion_mask.sum() + result.rollout.prompt_mask.sum())
+
+    steps = cfg.bench
+    seconds = (timed["generation"] + timed["logprobs"] + timed["update"]) / steps
+    parameters = sum(p.numel() for p in policy.parameters())
+    step_flops = (2 * parameters * timed["generated_tokens"] + 6 * parameters * timed["trained_tokens"]) / steps
+    matmul_flops = matmul_flops_per_second(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    report = {
+        "model": source, "parameters": parameters, "device": str(device), "precision": precision,
+        "threads": torch.get_num_threads(), "loss": cfg.loss, "prompts_per_step": cfg.prompts_per_step,
+        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": cfg.micro_batch,
+        "timed_steps": steps, "seconds_per_step": seconds,
+        "generation_seconds": timed["generation"] / steps,
+        **({"logprob_seconds": timed["logprobs"] / steps} if reference is not None else {}),
+        "update_seconds": timed["update"] / steps,
+        "generated_tokens_per_step": timed["generated_tokens"] / steps,
+        "trained_tokens_per_step": timed["trained_tokens"] / steps,
+        "completion_tokens_per_s": timed["generated_tokens"] / steps / seconds,
+        "generation_tokens_per_s": timed["generated_tokens"] / max(timed["generation"], 1e-9),
+        **peak_memory(device),
+        "matmul_gflops_measured": matmul_flops / 1e9,
+        "step_useful_gflop": step_flops / 1e9,
+        "matmul_bound_seconds": step_flops / matmul_flops,
+        "mfu": step_flops / seconds / matmul_flops,
+    }
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, f"bench_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+    report["path"] = path
+    return report
+
+
+def format_bench(report: dict) -> str:
+    lines = [f"{report['model']}: {report['parameters'] / 1e6:.1f}M parameters, {report['device']} "
+             f"({report['threads']} threads), {report['precision']}, {report['prompts_per_step']} prompts x "
+             f"{report['group_size']} completions x {report['max_new_tokens']} new tokens, {report['loss']}",
+             "| seconds/step | generation | ref log-probs | update | completion tokens/s | peak RSS GiB | "
+             "matmul GFLOP/s | matmul bound s | MFU |", "|" + "---|" * 9,
+             f"| {report['seconds_per_step']:.2f} | {report['generation_seconds']:.2f} | "
+             f"{report.get('logprob_seconds', 0.0):.2f} | {report['update_seconds']:.2f} | "
+             f"{report['completion_tokens_per_s']:.0f} | {report['peak_rss_gb']:.2f} | "
+             f"{report['matmul_gflops_measured']:.0f} | {report['matmul_bound_seconds']:.2f} | {report['mfu']:.2f} |"]
+    if "peak_gpu_memory_gb" in report:
+        lines.append(f"peak GPU memory: {report['peak_gpu_memory_gb']:.2f} GiB")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # Main: parse and check the flags, train (or run the grid), print the summary table.
 # ----------------------------------------------------------------------------------------------
 def format_summary(summary: dict) -> str:
@@ -1344,6 +1533,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         check_config(cfg)
+        if cfg.bench:
+            report = benchmark(cfg, load_task(cfg))
+            print(format_bench(report))
+            print(f"written: {report['path']}")
+            return 0
         if cfg.compare:
             print(format_grid_table(run_grid(cfg)))
             print(f"tables: {os.path.join(cfg.out, 'compare.md')}, {os.path.join(cfg.out, 'compare.csv')}")
