@@ -581,26 +581,39 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                       eos_id: int, pad_id: int, rng: torch.Generator | None) -> Rollout:
-    """Sample one completion per prompt row with the KV cache; temperature 0 means greedy.
+def sample_token(logp: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+    """One token per row drawn from exp(logp) (rows, V), by inverse CDF: one uniform per row, where
+    torch.multinomial draws a random number per vocabulary entry."""
+    cdf = logp.exp().double().cumsum(-1)  # summed in float64: exact enough for the rarest tokens
+    uniform = torch.rand(logp.shape[0], 1, generator=rng, device=logp.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
-    behavior_logp[t] = log_softmax(logits_t / temperature)[y_t], in fp32: exactly the distribution
-    the token was drawn from, so `policy_logp - behavior_logp` is the true per-token log-ratio.
+
+def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                       eos_id: int, pad_id: int, rng: torch.Generator | None, repeats: int = 1) -> Rollout:
+    """Sample `repeats` completions per prompt (rows prompt-major) with the KV cache; temperature 0 is greedy.
+
+    Each prompt is encoded once and its KV cache copied to its `repeats` rows. behavior_logp[t] =
+    log_softmax(logits_t / temperature)[y_t], in fp32: exactly the distribution the token was drawn
+    from, so `policy_logp - behavior_logp` is the true per-token log-ratio.
     """
     with torch.inference_mode():
-        tensors = _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng)
+        tensors = _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng, repeats)
     return Rollout(*(tensor.clone() for tensor in tensors))  # clones of inference tensors work with autograd
 
 
-def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng) -> tuple[torch.Tensor, ...]:
+def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng, repeats) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
-    prompt, prompt_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
-    rows = prompt.shape[0]
+    unique_prompt, unique_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     cache_kw = _cache_kwarg(model)
-    attention_mask = prompt_mask.long()
-    out = model(input_ids=prompt, attention_mask=attention_mask, position_ids=position_ids(prompt_mask),
-                use_cache=True)
+    logits_kwarg = _logits_kwarg(model)  # the prompt's last position is the only one sampled from
+    out = model(input_ids=unique_prompt, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
+                use_cache=True, **({logits_kwarg: 1} if logits_kwarg else {}))
+    if repeats > 1:
+        getattr(out, cache_kw).batch_repeat_interleave(repeats)
+        out.logits = out.logits.repeat_interleave(repeats, dim=0)
+    prompt, prompt_mask = unique_prompt.repeat_interleave(repeats, 0), unique_mask.repeat_interleave(repeats, 0)
+    rows, attention_mask = prompt.shape[0], prompt_mask.long()
     next_position = position_ids(prompt_mask)[:, -1:] + 1
     tokens, logps = [], []
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
@@ -608,8 +621,8 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng)
     for t in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         if temperature > 0:
-            logp = torch.log_softmax(logits / temperature, dim=-1)
-            token = torch.multinomial(logp.exp(), 1, generator=rng).squeeze(-1)
+            logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
+            token = sample_token(logp, rng)
         else:
             logp = torch.log_softmax(logits, dim=-1)
             token = logits.argmax(-1)
@@ -635,9 +648,8 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng)
 def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
                   temperature: float, rng: torch.Generator, staleness: int = 0) -> Rollout:
     """G completions per prompt from the (possibly stale) generator; the batch carries its staleness."""
-    prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts) for _ in range(group_size)]
-    rollout = sample_completions(generator, prompt_ids, max_new_tokens, temperature, tokenizer.eos_token_id,
-                                 tokenizer.pad_token_id, rng)
+    rollout = sample_completions(generator, encode_prompts(tokenizer, prompts), max_new_tokens, temperature,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, rng, repeats=group_size)
     rollout.staleness = staleness
     return rollout
 
@@ -659,17 +671,70 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def completion_logprobs(model, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log pi(y_t | x, y_<t) (N, T) in fp32 with the graph, and the token entropy (N, T), detached."""
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
-    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids(mask)).logits
-    logits = logits[:, rollout.prompt_ids.shape[1] - 1: -1].float() / temperature  # (N, T, V) predicts y_t
-    logp = torch.log_softmax(logits, dim=-1)
-    token_logp = logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1) * rollout.completion_mask
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1) * rollout.completion_mask
-    return token_logp, entropy
+def _logits_kwarg(model) -> str | None:
+    """The argument that limits logits to the last k positions (`num_logits_to_keep` before transformers 4.50)."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
+
+
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """Logits (N, T, V) at the positions that predict y_0 .. y_T-1, with the graph.
+
+    Rows with the same prompt (a group: consecutive rows) share one forward pass over it, as in
+    sampling: the prompt's KV cache is computed once per distinct prompt, indexed out to its rows
+    (a differentiable gather, so gradients from every completion flow back through it), and the
+    completions run on top. With G completions per prompt this removes (G - 1) / G of the prompt work.
+    Gradient checkpointing drops KV caches, so with it every row runs prompt and completion at once.
+    """
+    logits_kwarg = _logits_kwarg(model)
+    keep = lambda k: {logits_kwarg: k} if logits_kwarg else {}  # noqa: E731  (logits at the last k positions)
+    rows_with_prompt = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
+    unique_rows, row_to_prompt = torch.unique_consecutive(rows_with_prompt, dim=0, return_inverse=True)
+    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+    if len(unique_rows) == len(prompt_ids) or checkpointing:  # nothing to share: one pass, y_T-1 never an input
+        mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+        logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1), attention_mask=mask.long(),
+                       position_ids=position_ids(mask), **keep(completion_ids.shape[1])).logits
+        return logits[:, -completion_ids.shape[1]:]
+    unique_ids, unique_mask = unique_rows.split(prompt_ids.shape[1], dim=1)
+    unique_mask = unique_mask.bool()
+    cache_kw = _cache_kwarg(model)
+    out = model(input_ids=unique_ids, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
+                use_cache=True, **keep(1))
+    first_logits = out.logits[:, -1:][row_to_prompt]  # (N, 1, V): the prompt's last position predicts y_0
+    if completion_ids.shape[1] == 1:
+        return first_logits
+    cache = getattr(out, cache_kw)
+    cache.batch_select_indices(row_to_prompt)
+    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+    out = model(input_ids=completion_ids[:, :-1], attention_mask=mask.long(),
+                position_ids=position_ids(mask)[:, prompt_ids.shape[1]:], use_cache=True, **{cache_kw: cache})
+    return torch.cat([first_logits, out.logits], dim=1)
+
+
+def completion_logprobs(model, rollout: Rollout, temperature: float, chunk_rows: int = 8):
+    """Per-token log pi(y_t | x, y_<t) (N, T) in fp32 with the graph, and the token entropy (N, T), detached.
+
+    Columns that are padding in every row are dropped first, logits are computed at the completion's
+    positions only, and log pi(y_t) = logit(y_t) - logsumexp(logits) is taken chunk_rows rows at a
+    time: no fp32 log-softmax over the whole (N, T, V) batch is ever materialised.
+    """
+    first_prompt_column = int(rollout.prompt_mask.any(0).int().argmax())  # left padding in every row
+    width = int(rollout.completion_mask.sum(-1).max())                     # right padding in every row
+    completion_ids, completion_mask = rollout.completion_ids[:, :width], rollout.completion_mask[:, :width]
+    logits = completion_logits(model, rollout.prompt_ids[:, first_prompt_column:],
+                               rollout.prompt_mask[:, first_prompt_column:], completion_ids, completion_mask)
+    token_logp, entropy = [], []
+    for chunk, chunk_ids in zip(logits.split(chunk_rows), completion_ids.split(chunk_rows)):
+        chunk = chunk.float()
+        chunk = chunk / temperature if temperature != 1 else chunk
+        log_normalizer = torch.logsumexp(chunk, dim=-1)
+        token_logp.append(chunk.gather(-1, chunk_ids[..., None]).squeeze(-1) - log_normalizer)
+        with torch.no_grad():
+            entropy.append(log_normalizer - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
+    padding = (0, rollout.completion_ids.shape[1] - width)
+    token_logp = F.pad(torch.cat(token_logp) * completion_mask, padding)
+    return token_logp, F.pad(torch.cat(entropy) * completion_mask, padding)
 
 
 # ----------------------------------------------------------------------------------------------
