@@ -1520,6 +1520,8 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
     timed = {"generation": 0.0, "logprobs": 0.0, "update": 0.0, "generated_tokens": 0, "trained_tokens": 0}
+    matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    matmul_before = matmul_flops_per_second(device, matmul_dtype)  # measured before and after the steps:
     for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
         staleness = step % cfg.lag
         tick = time.perf_counter()
@@ -1541,7 +1543,8 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
     seconds = (timed["generation"] + timed["logprobs"] + timed["update"]) / steps
     parameters = sum(p.numel() for p in policy.parameters())
     step_flops = (2 * parameters * timed["generated_tokens"] + 6 * parameters * timed["trained_tokens"]) / steps
-    matmul_flops = matmul_flops_per_second(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    matmul_after = matmul_flops_per_second(device, matmul_dtype)   # a shared machine's speed drifts
+    matmul_flops = (matmul_before + matmul_after) / 2
     report = {
         "model": source, "parameters": parameters, "device": str(device), "precision": precision,
         "threads": torch.get_num_threads(), "loss": cfg.loss, "prompts_per_step": cfg.prompts_per_step,
@@ -1556,6 +1559,7 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
         "generation_tokens_per_s": timed["generated_tokens"] / max(timed["generation"], 1e-9),
         **peak_memory(device),
         "matmul_gflops_measured": matmul_flops / 1e9,
+        "matmul_gflops_before": matmul_before / 1e9, "matmul_gflops_after": matmul_after / 1e9,
         "step_useful_gflop": step_flops / 1e9,
         "matmul_bound_seconds": step_flops / matmul_flops,
         "mfu": step_flops / seconds / matmul_flops,
@@ -1570,17 +1574,21 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
 
 
 def format_bench(report: dict) -> str:
-    lines = [f"{report['model']}: {report['parameters'] / 1e6:.1f}M parameters, {report['device']} "
-             f"({report['threads']} threads), {report['precision']}, {report['prompts_per_step']} prompts x "
-             f"{report['group_size']} completions x {report['max_new_tokens']} new tokens, {report['loss']}",
+    r = report
+    logprobs = f"{r['logprob_seconds']:.2f}" if "logprob_seconds" in r else "-"  # only A*-PO needs a pass
+    lines = [f"{r['model']}: {r['parameters'] / 1e6:.1f}M parameters, {r['device']} ({r['threads']} threads), "
+             f"{r['precision']}, {r['prompts_per_step']} prompts x {r['group_size']} completions x "
+             f"{r['max_new_tokens']} new tokens, micro-batch {r['micro_batch'] or 'all'}, {r['loss']}",
              "| seconds/step | generation | ref log-probs | update | completion tokens/s | peak RSS GiB | "
              "matmul GFLOP/s | matmul bound s | MFU |", "|" + "---|" * 9,
-             f"| {report['seconds_per_step']:.2f} | {report['generation_seconds']:.2f} | "
-             f"{report.get('logprob_seconds', 0.0):.2f} | {report['update_seconds']:.2f} | "
-             f"{report['completion_tokens_per_s']:.0f} | {report['peak_rss_gb']:.2f} | "
-             f"{report['matmul_gflops_measured']:.0f} | {report['matmul_bound_seconds']:.2f} | {report['mfu']:.2f} |"]
-    if "peak_gpu_memory_gb" in report:
-        lines.append(f"peak GPU memory: {report['peak_gpu_memory_gb']:.2f} GiB")
+             f"| {r['seconds_per_step']:.2f} | {r['generation_seconds']:.2f} | {logprobs} | {r['update_seconds']:.2f} | "
+             f"{r['completion_tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['matmul_gflops_measured']:.0f} | "
+             f"{r['matmul_bound_seconds']:.2f} | {r['mfu']:.2f} |",
+             f"matmul GFLOP/s before / after the steps: {r['matmul_gflops_before']:.0f} / {r['matmul_gflops_after']:.0f}; "
+             f"useful work {r['step_useful_gflop']:.0f} GFLOP per step (2 x parameters x generated tokens + "
+             f"6 x parameters x trained tokens)"]
+    if "peak_gpu_memory_gb" in r:
+        lines.append(f"peak GPU memory: {r['peak_gpu_memory_gb']:.2f} GiB")
     return "\n".join(lines)
 
 

@@ -764,3 +764,80 @@ def test_math_verify_checker_compares_symbolically_when_installed():
     assert op.reward("\\boxed{2\\sqrt{3}}", "\\sqrt{12}") == 0.0
     assert op.math_verify_reward("\\boxed{3}", "4") == 0.0
     assert op.math_verify_reward("#### 72", "48/2 = 24 clips in May.\n#### 72") == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed: the benchmark, and the fast paths equal the plain computations
+# ---------------------------------------------------------------------------------------------
+def plain_completion_logprobs(model, rollout, temperature):
+    """The straightforward computation: every row's prompt and completion in one pass, a full fp32 log-softmax."""
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=mask.long(), position_ids=op.position_ids(mask)).logits
+    logp = torch.log_softmax(logits[:, rollout.prompt_ids.shape[1] - 1:-1].float() / temperature, dim=-1)
+    token_logp = logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1) * rollout.completion_mask
+    entropy = -(logp.exp() * logp).sum(-1) * rollout.completion_mask
+    return token_logp, entropy
+
+
+@pytest.mark.parametrize("style", ["builtin", "qwen2"])
+def test_shared_prompt_chunked_logprobs_equal_the_plain_log_softmax(style, tiny, tmp_path):
+    if style == "builtin":
+        model, tokenizer = tiny
+        prompts = ["7+3=", "45+21=", "99+29="]
+    else:
+        model, tokenizer = op.load_pretrained(save_chat_model(style, tmp_path))
+        prompts = ["What is 1 plus 2?", "Hi", "A much longer question about numbers?"]
+    model.eval()
+    rollout = op.sample_groups(model, tokenizer, prompts, 4, 6, 2.0, torch.Generator().manual_seed(0))
+    rollout.prompt_ids = torch.cat([torch.full_like(rollout.prompt_ids[:, :2], tokenizer.pad_token_id),
+                                    rollout.prompt_ids], dim=1)  # two columns of padding in every row
+    rollout.prompt_mask = torch.cat([torch.zeros_like(rollout.prompt_mask[:, :2]), rollout.prompt_mask], dim=1)
+    lengths = torch.tensor([5 - row % 4 for row in range(12)])  # several lengths, and a last column of padding
+    rollout.completion_mask = op.mask_from_lengths(lengths, 6)
+    rollout.completion_ids = rollout.completion_ids.masked_fill(~rollout.completion_mask, tokenizer.pad_token_id)
+    fast_logp, fast_entropy = op.completion_logprobs(model, rollout, 0.7, chunk_rows=5)
+    plain_logp, plain_entropy = plain_completion_logprobs(model, rollout, 0.7)
+    assert torch.allclose(fast_logp, plain_logp, atol=1e-5) and torch.allclose(fast_entropy, plain_entropy, atol=1e-5)
+    fast_logp.sum().backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain_logp.sum().backward()
+    for fast, plain in zip(fast_grads, (p.grad for p in model.parameters())):
+        assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
+def test_inverse_cdf_sampling_draws_from_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0]).repeat(4000, 1)
+    draws = op.sample_token(probs.log(), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=4).double() / draws.numel()
+    assert counts[3] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(counts[:3], torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.02)
+
+
+@pytest.mark.parametrize("loss", ["shifted", "apo"])
+def test_bench_writes_every_field_positive(loss, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert op.main(["--bench", "2", "--loss", loss, "--out", str(out), "--prompts-per-step", "4",
+                    "--group-size", "4", "--micro-batch", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "seconds/step" in printed and "MFU" in printed
+    (path,) = [p for p in os.listdir(out) if p.startswith("bench_") and p.endswith(".json")]
+    with open(out / path) as f:
+        report = json.load(f)
+    expected = {"seconds_per_step", "generation_seconds", "update_seconds", "completion_tokens_per_s",
+                "generation_tokens_per_s", "peak_rss_gb", "matmul_gflops_measured", "step_useful_gflop",
+                "matmul_bound_seconds", "mfu", "parameters", "generated_tokens_per_step", "trained_tokens_per_step"}
+    if loss == "apo":
+        expected.add("logprob_seconds")  # only A*-PO has a reference pass; behaviour log-probs come from sampling
+    assert expected <= set(report) and report["timed_steps"] == 2
+    assert all(report[key] > 0 for key in expected), {key: report[key] for key in expected}
+
+
+def test_bench_shape_is_the_smollm2_135m_configuration():
+    model, tokenizer = op.shape_model("smollm2-135m")
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.intermediate_size, config.vocab_size, config.tie_word_embeddings) == (576, 30, 9, 3, 1536, 49152, True)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008 and len(tokenizer) == 49152
