@@ -21,13 +21,15 @@ the pessimistic regime (baseline below the soft value beta log E_mu exp(r/beta))
 Boltzmann target mu exp(A/beta) / Z, c < 0 the fragile one.
 
 The file reads in the order the data flows: config, task and reward checker, model, lagged
-generator, advantages, losses, diagnostics, training loop, main. Every loss is a pure function with
-its equation in the docstring.
+generator, advantages, losses, diagnostics, training loop, comparison grid, benchmark, main. Every
+loss is a pure function with its equation in the docstring.
 
 Run `python offpolicy_pessimism.py` for the offline default: a built-in 2-digit addition task and a
 tiny character-level Llama that the script builds and warm-starts itself (cached under `--out`).
-`--model NAME_OR_PATH` loads any Hugging Face causal LM instead. Left out on purpose: distributed
-training, vLLM, KL-to-reference penalties, learning-rate schedules.
+`--model NAME_OR_PATH` loads any Hugging Face causal LM instead, `--task gsm8k|math|jsonl --data
+FILE.jsonl` a real math data set, `--compare` runs a grid of losses x lags, and `--bench N` times N
+RL steps. Left out on purpose: distributed training, vLLM, KL-to-reference penalties,
+learning-rate schedules.
 """
 
 from __future__ import annotations
@@ -167,6 +169,8 @@ def check_config(cfg: Config) -> None:
     if cfg.task != "arith":
         if not cfg.data:
             raise UsageError(f"--task {cfg.task} needs --data FILE.jsonl")
+        if not cfg.model:
+            raise UsageError(f"--task {cfg.task} needs --model: the built-in tiny model only reads digits and + =")
         for path in (cfg.data, cfg.eval_data):
             if path and not os.path.isfile(path):
                 raise UsageError(f"{path}: no such file")
