@@ -694,7 +694,8 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     keep = lambda k: {logits_kwarg: k} if logits_kwarg else {}  # noqa: E731  (logits at the last k positions)
     rows_with_prompt = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
     unique_rows, row_to_prompt = torch.unique_consecutive(rows_with_prompt, dim=0, return_inverse=True)
-    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True and module.training
+                        for module in model.modules())
     if len(unique_rows) == len(prompt_ids) or checkpointing:  # nothing to share: one pass, y_T-1 never an input
         mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
         logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1), attention_mask=mask.long(),
@@ -1155,14 +1156,28 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """Peak resident memory of this process (GiB), and peak allocated CUDA memory on a GPU."""
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    record = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 30}
+    """Peak resident memory of this process (GiB; not on Windows), and peak allocated CUDA memory on a GPU."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        record = {}
+    else:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        record = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 30}
     if device.type == "cuda":
         record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return record
+
+
+def learner(cfg: Config, policy, device: torch.device):
+    """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
+    same log-probs), its generator mu, the reference pi_ref (A*-PO only) and the optimizer."""
+    policy.to(device).eval()
+    generator = frozen_copy(policy)                                 # mu, refreshed every `lag` steps
+    reference = frozen_copy(policy) if cfg.loss == "apo" else None  # pi_ref, the policy as RL started
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(policy)
+    return generator, reference, torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
 
 
 def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
@@ -1182,14 +1197,9 @@ def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
         raise UsageError(f"{len(train_problems)} training problems are fewer than --prompts-per-step "
                          f"{cfg.prompts_per_step}")
     policy, tokenizer, source = load_model(cfg, train_problems, device)
-    policy.to(device).eval()  # no dropout: the generator and the policy must compute the same log-probs
-    generator = frozen_copy(policy)                                     # mu, refreshed every `lag` steps
-    reference = frozen_copy(policy) if cfg.loss == "apo" else None      # pi_ref, the policy as RL started
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    generator, reference, optimizer = learner(cfg, policy, device)
     prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
     ref_values: dict[str, float] = {}
-    if cfg.grad_checkpointing:
-        enable_gradient_checkpointing(policy)
     eval_batch = cfg.prompts_per_step * cfg.group_size  # the rollout's memory footprint
 
     def accuracy() -> float:
@@ -1516,12 +1526,7 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
         source = f"{cfg.bench_shape} (random weights)"
     else:
         policy, tokenizer, source = load_model(dataclasses.replace(cfg, warm_start_steps=0), train_problems, device)
-    policy.to(device).eval()
-    if cfg.grad_checkpointing:
-        enable_gradient_checkpointing(policy)
-    generator = frozen_copy(policy)
-    reference = frozen_copy(policy) if cfg.loss == "apo" else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    generator, reference, optimizer = learner(cfg, policy, device)
     prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
     timed = {"generation": 0.0, "logprobs": 0.0, "update": 0.0, "generated_tokens": 0, "trained_tokens": 0}
     matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -1586,7 +1591,8 @@ def format_bench(report: dict) -> str:
              "| seconds/step | generation | ref log-probs | update | completion tokens/s | peak RSS GiB | "
              "matmul GFLOP/s | matmul bound s | MFU |", "|" + "---|" * 9,
              f"| {r['seconds_per_step']:.2f} | {r['generation_seconds']:.2f} | {logprobs} | {r['update_seconds']:.2f} | "
-             f"{r['completion_tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['matmul_gflops_measured']:.0f} | "
+             f"{r['completion_tokens_per_s']:.0f} | {r.get('peak_rss_gb', float('nan')):.2f} | "
+             f"{r['matmul_gflops_measured']:.0f} | "
              f"{r['matmul_bound_seconds']:.2f} | {r['mfu']:.2f} |",
              f"matmul GFLOP/s before / after the steps: {r['matmul_gflops_before']:.0f} / {r['matmul_gflops_after']:.0f}; "
              f"useful work {r['step_useful_gflop']:.0f} GFLOP per step (2 x parameters x generated tokens + "
