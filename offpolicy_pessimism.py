@@ -580,9 +580,14 @@ def mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def _cache_kwarg(model) -> str:
-    """The KV-cache argument's name: `cache` in recent transformers, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def new_cache(model) -> dict:
+    """An empty KV cache as the keyword argument the model takes (`cache` in recent transformers,
+    `past_key_values` before); the model fills it in place, so later calls pass the same object."""
+    from transformers import DynamicCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with_config = "config" in inspect.signature(DynamicCache.__init__).parameters  # per-layer cache types
+    return {name: DynamicCache(config=model.config) if with_config else DynamicCache()}
 
 
 def sample_token(logp: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
@@ -609,12 +614,12 @@ def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, 
 def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng, repeats) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
     unique_prompt, unique_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
-    cache_kw = _cache_kwarg(model)
+    cache = new_cache(model)
     logits_kwarg = _logits_kwarg(model)  # the prompt's last position is the only one sampled from
     out = model(input_ids=unique_prompt, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
-                use_cache=True, **({logits_kwarg: 1} if logits_kwarg else {}))
+                use_cache=True, **cache, **({logits_kwarg: 1} if logits_kwarg else {}))
     if repeats > 1:
-        getattr(out, cache_kw).batch_repeat_interleave(repeats)
+        next(iter(cache.values())).batch_repeat_interleave(repeats)
         out.logits = out.logits.repeat_interleave(repeats, dim=0)
     prompt, prompt_mask = unique_prompt.repeat_interleave(repeats, 0), unique_mask.repeat_interleave(repeats, 0)
     rows, attention_mask = prompt.shape[0], prompt_mask.long()
@@ -641,7 +646,7 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng,
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, **{cache_kw: getattr(out, cache_kw)})
+                    use_cache=True, **cache)
         next_position = next_position + 1
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
@@ -703,17 +708,16 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
         return logits[:, -completion_ids.shape[1]:]
     unique_ids, unique_mask = unique_rows.split(prompt_ids.shape[1], dim=1)
     unique_mask = unique_mask.bool()
-    cache_kw = _cache_kwarg(model)
+    cache = new_cache(model)
     out = model(input_ids=unique_ids, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
-                use_cache=True, **keep(1))
+                use_cache=True, **cache, **keep(1))
     first_logits = out.logits[:, -1:][row_to_prompt]  # (N, 1, V): the prompt's last position predicts y_0
     if completion_ids.shape[1] == 1:
         return first_logits
-    cache = getattr(out, cache_kw)
-    cache.batch_select_indices(row_to_prompt)
+    next(iter(cache.values())).batch_select_indices(row_to_prompt)
     mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
     out = model(input_ids=completion_ids[:, :-1], attention_mask=mask.long(),
-                position_ids=position_ids(mask)[:, prompt_ids.shape[1]:], use_cache=True, **{cache_kw: cache})
+                position_ids=position_ids(mask)[:, prompt_ids.shape[1]:], use_cache=True, **cache)
     return torch.cat([first_logits, out.logits], dim=1)
 
 
