@@ -844,3 +844,14 @@ def test_bench_shape_is_the_smollm2_135m_configuration():
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
             config.intermediate_size, config.vocab_size, config.tie_word_embeddings) == (576, 30, 9, 3, 1536, 49152, True)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008 and len(tokenizer) == 49152
+
+
+def test_bench_runs_on_a_saved_model_and_a_data_task(tmp_path, capsys):
+    saved = save_chat_model("llama", tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", ADDITION_ROWS)
+    assert op.main(["--bench", "1", "--model", saved, "--task", "jsonl", "--data", data, "--out", str(tmp_path),
+                    "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "8"]) == 0
+    (path,) = [p for p in os.listdir(tmp_path) if p.startswith("bench_")]
+    with open(tmp_path / path) as f:
+        report = json.load(f)
+    assert report["model"] == saved and report["generated_tokens_per_step"] > 0 and report["mfu"] > 0
