@@ -705,7 +705,7 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
         mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
         logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1), attention_mask=mask.long(),
                        position_ids=position_ids(mask), **keep(completion_ids.shape[1])).logits
-        return logits[:, -completion_ids.shape[1]:]
+        return logits if logits_kwarg else logits[:, -completion_ids.shape[1]:]  # a slice's backward zero-fills
     unique_ids, unique_mask = unique_rows.split(prompt_ids.shape[1], dim=1)
     unique_mask = unique_mask.bool()
     cache = new_cache(model)
