@@ -1101,7 +1101,7 @@ class StepResult:
     policy_logp: torch.Tensor  # (N, T) detached: the policy before the update
     entropy: torch.Tensor      # (N, T)
     grad_norm: torch.Tensor    # before clipping
-    seconds: dict              # generation (and A*-PO's V_ref sampling), logprobs (pi_ref's), update
+    seconds: dict              # generation (refresh, sampling, A*-PO's V_ref samples), logprobs (pi_ref's), update
 
 
 def synchronize(device: torch.device) -> None:
@@ -1111,9 +1111,12 @@ def synchronize(device: torch.device) -> None:
 
 def rl_step(cfg: Config, policy, generator, reference, optimizer, tokenizer, batch: list[tuple[str, str]],
             staleness: int, sample_rng: torch.Generator, ref_values: dict, precision: str) -> StepResult:
-    """One optimizer step: G completions per prompt from the generator, rewards, loss, backward, AdamW."""
+    """One optimizer step: G completions per prompt from the generator (first refreshed from the policy,
+    in place, when staleness is 0), rewards, loss, backward, AdamW."""
     device = next(policy.parameters()).device
     seconds, tick = {}, time.perf_counter()
+    if staleness == 0:
+        refresh_generator(generator, policy)
     with autocast(device, precision):
         rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
                                 cfg.temperature, sample_rng, staleness)
@@ -1247,12 +1250,11 @@ def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run_dir), initial=start_step,
                total=cfg.steps, dynamic_ncols=True)
     for step in bar:
-        # 1. the generator: refreshed from the policy every `lag` steps, stale in between
+        # 1. the generator is refreshed from the policy every `lag` steps (staleness 0), stale in between;
+        # 2. it samples, the completions are scored, the policy is updated
         staleness = (step - 1) % cfg.lag
-        if staleness == 0:
-            refresh_generator(generator, policy)
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
-        try:  # 2. sample with the generator, score, update the policy
+        try:
             result = rl_step(cfg, policy, generator, reference, optimizer, tokenizer, batch, staleness, sample_rng,
                              ref_values, precision)
         except TrainingDiverged as error:
@@ -1536,17 +1538,12 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
     matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     matmul_before = matmul_flops_per_second(device, matmul_dtype)  # measured before and after the steps:
     for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
-        staleness = step % cfg.lag
-        tick = time.perf_counter()
-        if staleness == 0:
-            refresh_generator(generator, policy)
-        refresh_seconds = time.perf_counter() - tick
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
-        result = rl_step(cfg, policy, generator, reference, optimizer, tokenizer, batch, staleness, sample_rng, {},
-                         precision)
+        result = rl_step(cfg, policy, generator, reference, optimizer, tokenizer, batch, step % cfg.lag, sample_rng,
+                         {}, precision)
         if step == 0:
             continue  # warm-up: allocator, kernels, first-call overheads
-        timed["generation"] += result.seconds["generation"] + refresh_seconds
+        timed["generation"] += result.seconds["generation"]
         timed["logprobs"] += result.seconds["logprobs"]
         timed["update"] += result.seconds["update"]
         timed["generated_tokens"] += int(result.rollout.completion_mask.sum())
