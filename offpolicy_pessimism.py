@@ -57,6 +57,7 @@ from tqdm import tqdm
 LOSSES = ("ppo", "tis", "reinforce", "oapl", "apo", "pmd", "shifted")
 TASKS = ("arith", "gsm8k", "math", "jsonl")
 BUILTIN_WARM_START_STEPS = 600  # supervised steps that bring the tiny model to about 55% accuracy
+ACTIVATION_BUDGET_GB = 8.0      # --micro-batch 0: activations kept for the backward pass, per micro-batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ class Config:
     clip_eps: float = flag(0.2, "ppo: clip the ratio to [1 - eps, 1 + eps]")
     is_cap: float = flag(2.0, "tis: truncate the importance ratio at this value")
     length_normalize: bool = flag(False, "reinforce and eq. 1 losses: divide sequence log-probs by the length")
-    lr: float = flag(1e-4, "AdamW learning rate")
+    lr: float = flag(0.0, "AdamW learning rate (0: 1e-4 for the built-in model, 1e-6 with --model, TRL's default)")
     grad_clip: float = flag(1.0, "clip the gradient norm to this value")
     seed: int = flag(1, "seed for prompts and sampling")
     task: str = flag("arith", "built-in addition, or a JSONL data set given by --data", choices=TASKS)
@@ -101,7 +102,10 @@ class Config:
     precision: str = flag("auto", "matmul precision: bf16 autocast (fp32 weights and log-softmax), or fp32; "
                           "auto = bf16 on a CUDA GPU that has it", choices=("auto", "fp32", "bf16"))
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
-    micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's (0: all)")
+    micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's "
+                            f"(0: the most whole groups whose activations fit {ACTIVATION_BUDGET_GB:g} GB)")
+    compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA)",
+                        choices=("auto", "on", "off"))
     warm_start_steps: int = flag(-1, f"supervised steps on correct answers before RL (-1: {BUILTIN_WARM_START_STEPS} built-in, 0 with --model)")
     eval_size: int = flag(200, "held-out problems for greedy accuracy")
     eval_every: int = flag(25, "evaluate (and checkpoint) every N steps")
@@ -142,6 +146,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         cfg.max_new_tokens = 6 if cfg.task == "arith" else 512
     if not cfg.question_field:
         cfg.question_field = "problem" if cfg.task == "math" else "question"
+    if cfg.lr == 0:  # the built-in model is trained from scratch; a pretrained one is wrecked by 1e-4
+        cfg.lr = 1e-6 if cfg.model else 1e-4
     return cfg
 
 
@@ -181,6 +187,9 @@ def check_config(cfg: Config) -> None:
             import math_verify  # noqa: F401
         except ImportError:
             raise UsageError("--checker math_verify needs the math_verify package: pip install math-verify") from None
+    if cfg.compile == "on" and not static_decoding_supported():
+        raise UsageError("--compile on needs transformers 5 (a StaticCache written in order); upgrade it or use "
+                         "--compile off")
     if cfg.bench_shape and not cfg.bench:
         raise UsageError("--bench-shape only applies to --bench N")
     if cfg.bench_shape and (cfg.model or cfg.task != "arith"):
@@ -207,7 +216,7 @@ GRID_FLAGS = ("compare", "preset", "losses", "lags", "seeds", "beta_values", "sh
 
 def run_folder(cfg: Config) -> str:
     """One folder per setting: the budget (steps, eval cadence), device, memory savers and resume are not part of it."""
-    budget = {"steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "bench",
+    budget = {"steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "compile", "bench",
               "bench_shape", *GRID_FLAGS}
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in budget}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
@@ -604,11 +613,11 @@ def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, 
 
     Each prompt is encoded once and its KV cache copied to its `repeats` rows. behavior_logp[t] =
     log_softmax(logits_t / temperature)[y_t], in fp32: exactly the distribution the token was drawn
-    from, so `policy_logp - behavior_logp` is the true per-token log-ratio.
+    from, so `policy_logp - behavior_logp` is the true per-token log-ratio. A model prepared by
+    `enable_static_decoding` (--compile) runs the same loop on a preallocated cache with a compiled step.
     """
-    with torch.inference_mode():
-        tensors = _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng, repeats)
-    return Rollout(*(tensor.clone() for tensor in tensors))  # clones of inference tensors work with autograd
+    with torch.no_grad():
+        return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng, repeats))
 
 
 def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng, repeats) -> tuple[torch.Tensor, ...]:
@@ -618,17 +627,21 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng,
     logits_kwarg = _logits_kwarg(model)  # the prompt's last position is the only one sampled from
     out = model(input_ids=unique_prompt, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
                 use_cache=True, **cache, **({logits_kwarg: 1} if logits_kwarg else {}))
-    if repeats > 1:
-        next(iter(cache.values())).batch_repeat_interleave(repeats)
-        out.logits = out.logits.repeat_interleave(repeats, dim=0)
+    logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
     prompt, prompt_mask = unique_prompt.repeat_interleave(repeats, 0), unique_mask.repeat_interleave(repeats, 0)
-    rows, attention_mask = prompt.shape[0], prompt_mask.long()
+    static = getattr(model, "static_decoding", None)
+    if static is None:  # the cache grows by one column per token
+        next(iter(cache.values())).batch_repeat_interleave(repeats)
+        decode, attention_mask = model, prompt_mask.long()
+    else:               # a preallocated cache and one mask for every step: fixed shapes, one compiled graph
+        cache, attention_mask = static.start(cache, repeats, prompt_mask, max_new_tokens)
+        decode = static.step
+    rows = prompt.shape[0]
     next_position = position_ids(prompt_mask)[:, -1:] + 1
     tokens, logps = [], []
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
         if temperature > 0:
             logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
             token = sample_token(logp, rng)
@@ -644,9 +657,10 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng,
         finished |= just_ended
         if finished.all() or t == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, **cache)
+        if static is None:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        logits = decode(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                        use_cache=True, **cache).logits[:, -1].float()
         next_position = next_position + 1
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
@@ -673,6 +687,65 @@ def refresh_generator(generator, policy) -> None:
 def frozen_copy(model):
     """A copy with no gradients and no optimizer state: the generator mu, or the reference pi_ref."""
     return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+LENGTH_BUCKET = 128  # --compile: cache lengths are rounded up to a multiple of this, so new batches reuse a graph
+
+
+def static_decoding_supported() -> bool:
+    """Static caches written in order (prompt first, then one slot per token): transformers 5.x."""
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        return False
+    return hasattr(StaticLayer(max_cache_len=1), "cumulative_length")
+
+
+class StaticDecoding:
+    """--compile: the sampler's decode step on a preallocated KV cache, compiled once.
+
+    The eager sampler's cache grows by a column per token, so every step has new shapes. Here the
+    cache has a fixed length (prompt width + max_new_tokens, rounded up to LENGTH_BUCKET) and is
+    reused for every batch of the same rows and length bucket, and the attention mask covers all of
+    it (slots not yet written are hidden by the causal mask): every step has the same shapes, so
+    torch.compile captures the one-token forward once (on CUDA as a CUDA graph, mode
+    "reduce-overhead"). Sampling, log-probs and masks stay in the eager loop of `_sample`.
+    """
+
+    def __init__(self, model, backend="inductor", mode: str | None = None):
+        self.model, self.caches = model, {}
+        self.compiled = torch.compile(model, backend=backend, mode=mode, dynamic=False)
+
+    def start(self, prompt_cache: dict, repeats: int, prompt_mask: torch.Tensor, max_new_tokens: int):
+        """The static cache holding each prompt's keys and values on its `repeats` rows, and the
+        attention mask of every decode step (the prompt's, then ones)."""
+        from transformers import StaticCache
+
+        (name, dynamic_cache), = prompt_cache.items()
+        rows, prompt_width = prompt_mask.shape
+        length = -(-(prompt_width + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
+        key = (rows, length, dynamic_cache.layers[0].keys.dtype)
+        if key not in self.caches:
+            self.caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
+        cache = self.caches[key]
+        cache.reset()
+        for layer_index, layer in enumerate(dynamic_cache.layers):  # writes slots 0 .. prompt_width - 1
+            cache.update(layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0),
+                         layer_index)
+        attention_mask = torch.ones(rows, length, dtype=torch.long, device=prompt_mask.device)
+        attention_mask[:, :prompt_width] = prompt_mask
+        return {name: cache}, attention_mask
+
+    def step(self, **inputs):
+        if self.model.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
+        return self.compiled(**inputs)
+
+
+def enable_static_decoding(model, backend="inductor") -> None:
+    """Make `sample_completions` decode with a static cache and a compiled step (--compile)."""
+    mode = "reduce-overhead" if backend == "inductor" and next(model.parameters()).device.type == "cuda" else None
+    model.static_decoding = StaticDecoding(model, backend, mode)
 
 
 def autocast(device: torch.device, precision: str):
@@ -1053,6 +1126,44 @@ def micro_batches(rollout: Rollout, micro_batch: int) -> list[slice]:
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
+def activation_bytes_per_token(model, precision: str) -> float:
+    """Bytes that a forward pass keeps for the backward pass, per completion token, measured: the
+    tensors saved by `completion_logprobs` on one row of 48 and one of 16 completion tokens, parameters
+    excluded, the difference divided by 32 (what does not grow with length, like autocast's bf16
+    copies of the weights, cancels). A prompt token costs less (no logits), so this bounds both."""
+    device = next(model.parameters()).device
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(width: int) -> int:
+        storages = {}
+
+        def keep(tensor):
+            if tensor.untyped_storage().data_ptr() not in parameters:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        ids, mask = torch.zeros(1, 8 + width, dtype=torch.long, device=device), torch.ones(1, 8 + width, dtype=torch.bool,
+                                                                                      device=device)
+        probe = Rollout(ids[:, :8], mask[:, :8], ids[:, 8:], mask[:, 8:], torch.zeros(1, width, device=device), mask[:, 0])
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast(device, precision):
+            completion_logprobs(model, probe, 1.0)
+        return sum(storages.values())
+
+    return (saved_bytes(48) - saved_bytes(16)) / 32
+
+
+def auto_micro_batch(rollout: Rollout, group_size: int, bytes_per_token: float,
+                     budget_bytes: float = ACTIVATION_BUDGET_GB * 1e9) -> int:
+    """--micro-batch 0: the most whole groups whose activations fit the budget (a group is one prompt
+    pass plus G completions), or, when one group does not fit, the most rows that do (at least 1)."""
+    prompt_width = int(rollout.prompt_mask.any(0).sum())          # columns left after trimming
+    completion_width = int(rollout.completion_mask.sum(-1).max())
+    group_bytes = (prompt_width + group_size * completion_width) * bytes_per_token
+    if group_bytes <= budget_bytes:
+        return group_size * int(budget_bytes // group_bytes)
+    return max(1, int(budget_bytes // ((prompt_width + completion_width) * bytes_per_token)))
+
+
 def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micro_batch: int, loss_of,
                               precision: str = "fp32"):
     """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
@@ -1101,6 +1212,7 @@ class StepResult:
     policy_logp: torch.Tensor  # (N, T) detached: the policy before the update
     entropy: torch.Tensor      # (N, T)
     grad_norm: torch.Tensor    # before clipping
+    micro_batch: int           # rows per forward/backward pass
     seconds: dict              # generation (refresh, sampling, A*-PO's V_ref samples), logprobs (pi_ref's), update
 
 
@@ -1109,11 +1221,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # so that wall-clock timings include the queued GPU work
 
 
-def rl_step(cfg: Config, policy, generator, reference, optimizer, tokenizer, batch: list[tuple[str, str]],
-            staleness: int, sample_rng: torch.Generator, ref_values: dict, precision: str) -> StepResult:
+@dataclass
+class Learner:
+    policy: torch.nn.Module            # pi_theta, fp32 weights
+    generator: torch.nn.Module         # mu: a frozen copy, refreshed every `lag` steps
+    reference: torch.nn.Module | None  # pi_ref, the policy as RL started (A*-PO only)
+    optimizer: torch.optim.Optimizer
+    precision: str                     # fp32, or bf16 autocast
+    bytes_per_token: float             # activations kept for backward, per token: sizes --micro-batch 0
+
+
+def rl_step(cfg: Config, learner: Learner, tokenizer, batch: list[tuple[str, str]], staleness: int,
+            sample_rng: torch.Generator, ref_values: dict) -> StepResult:
     """One optimizer step: G completions per prompt from the generator (first refreshed from the policy,
     in place, when staleness is 0), rewards, loss, backward, AdamW."""
-    device = next(policy.parameters()).device
+    policy, generator, reference, optimizer = learner.policy, learner.generator, learner.reference, learner.optimizer
+    device, precision = next(policy.parameters()).device, learner.precision
     seconds, tick = {}, time.perf_counter()
     if staleness == 0:
         refresh_generator(generator, policy)
@@ -1127,17 +1250,18 @@ def rl_step(cfg: Config, policy, generator, reference, optimizer, tokenizer, bat
     synchronize(device)
     seconds["generation"], tick = time.perf_counter() - tick, time.perf_counter()
 
+    micro_batch = cfg.micro_batch or auto_micro_batch(rollout, cfg.group_size, learner.bytes_per_token)
     ref_logp = None
     if reference is not None:  # the only extra pass: behaviour log-probs were recorded while sampling
-        with autocast(device, precision):
+        with torch.no_grad(), autocast(device, precision):
             ref_logp = torch.cat([completion_logprobs(reference, rollout.rows(part), cfg.temperature)[0]
-                                  for part in micro_batches(rollout, cfg.micro_batch)])
+                                  for part in micro_batches(rollout, micro_batch)])
     synchronize(device)
     seconds["logprobs"], tick = time.perf_counter() - tick, time.perf_counter()
 
     optimizer.zero_grad(set_to_none=True)
     loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
-        policy, rollout, cfg.temperature, cfg.micro_batch,
+        policy, rollout, cfg.temperature, micro_batch,
         lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision)
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss.item()}")
@@ -1147,7 +1271,8 @@ def rl_step(cfg: Config, policy, generator, reference, optimizer, tokenizer, bat
     optimizer.step()
     synchronize(device)
     seconds["update"] = time.perf_counter() - tick
-    return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, seconds)
+    return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, micro_batch,
+                      seconds)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -1176,15 +1301,25 @@ def peak_memory(device: torch.device) -> dict:
     return record
 
 
-def learner(cfg: Config, policy, device: torch.device):
+def make_learner(cfg: Config, policy, device: torch.device, precision: str) -> Learner:
     """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
-    same log-probs), its generator mu, the reference pi_ref (A*-PO only) and the optimizer."""
+    same log-probs), its generator mu and the reference pi_ref (A*-PO only), the optimizer.
+
+    With bf16 the two copies are stored in bf16: they only sample and score, and autocast rounds the
+    weights to bf16 for every matmul anyway (norms and the residual stream also run in bf16 there).
+    """
     policy.to(device).eval()
-    generator = frozen_copy(policy)                                 # mu, refreshed every `lag` steps
-    reference = frozen_copy(policy) if cfg.loss == "apo" else None  # pi_ref, the policy as RL started
+    copy_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    generator = frozen_copy(policy).to(copy_dtype)
+    reference = frozen_copy(policy).to(copy_dtype) if cfg.loss == "apo" else None
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(policy)
-    return generator, reference, torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda" and static_decoding_supported()):
+        for model in (policy, generator, reference):  # the policy samples too: greedy evaluation
+            if model is not None:
+                enable_static_decoding(model)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    return Learner(policy, generator, reference, optimizer, precision, activation_bytes_per_token(policy, precision))
 
 
 def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
@@ -1204,7 +1339,8 @@ def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
         raise UsageError(f"{len(train_problems)} training problems are fewer than --prompts-per-step "
                          f"{cfg.prompts_per_step}")
     policy, tokenizer, source = load_model(cfg, train_problems, device)
-    generator, reference, optimizer = learner(cfg, policy, device)
+    learner = make_learner(cfg, policy, device, precision)
+    generator, optimizer = learner.generator, learner.optimizer
     prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
     ref_values: dict[str, float] = {}
     eval_batch = cfg.prompts_per_step * cfg.group_size  # the rollout's memory footprint
@@ -1255,8 +1391,7 @@ def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
         staleness = (step - 1) % cfg.lag
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
         try:
-            result = rl_step(cfg, policy, generator, reference, optimizer, tokenizer, batch, staleness, sample_rng,
-                             ref_values, precision)
+            result = rl_step(cfg, learner, tokenizer, batch, staleness, sample_rng, ref_values)
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error} at step {step}; the last good checkpoint stays in {checkpoint_path}")
         rollout, rewards, loss, diagnostics, policy_logp, entropy, grad_norm = (
@@ -1286,7 +1421,8 @@ def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
             record.update(regime_diagnostics(advantages, rewards, cfg.beta))
         totals["rollout_seconds"] += rollout_seconds
         totals["rollout_tokens"] += tokens
-        record.update(truncated_fraction=rollout.truncated.float().mean().item(), rollout_seconds=rollout_seconds,
+        record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch,
+                      rollout_seconds=rollout_seconds,
                       update_seconds=update_seconds, rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9),
                       update_tokens_per_s=tokens / max(update_seconds, 1e-9), **peak_memory(device))
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -1532,20 +1668,21 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
         source = f"{cfg.bench_shape} (random weights)"
     else:
         policy, tokenizer, source = load_model(dataclasses.replace(cfg, warm_start_steps=0), train_problems, device)
-    generator, reference, optimizer = learner(cfg, policy, device)
+    learner = make_learner(cfg, policy, device, precision)
     prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
-    timed = {"generation": 0.0, "logprobs": 0.0, "update": 0.0, "generated_tokens": 0, "trained_tokens": 0}
+    timed = {"generation": 0.0, "logprobs": 0.0, "update": 0.0, "generated_tokens": 0, "trained_tokens": 0,
+             "micro_batch": 0}
     matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     matmul_before = matmul_flops_per_second(device, matmul_dtype)  # measured before and after the steps:
     for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
-        result = rl_step(cfg, policy, generator, reference, optimizer, tokenizer, batch, step % cfg.lag, sample_rng,
-                         {}, precision)
+        result = rl_step(cfg, learner, tokenizer, batch, step % cfg.lag, sample_rng, {})
         if step == 0:
             continue  # warm-up: allocator, kernels, first-call overheads
         timed["generation"] += result.seconds["generation"]
         timed["logprobs"] += result.seconds["logprobs"]
         timed["update"] += result.seconds["update"]
+        timed["micro_batch"] = result.micro_batch
         timed["generated_tokens"] += int(result.rollout.completion_mask.sum())
         timed["trained_tokens"] += int(result.rollout.completion_mask.sum() + result.rollout.prompt_mask.sum())
 
@@ -1558,10 +1695,11 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
     report = {
         "model": source, "parameters": parameters, "device": str(device), "precision": precision,
         "threads": torch.get_num_threads(), "loss": cfg.loss, "prompts_per_step": cfg.prompts_per_step,
-        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": cfg.micro_batch,
+        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": timed["micro_batch"], "micro_batch_auto": cfg.micro_batch == 0,
+        "compiled_decoding": hasattr(learner.generator, "static_decoding"),
         "timed_steps": steps, "seconds_per_step": seconds,
         "generation_seconds": timed["generation"] / steps,
-        **({"logprob_seconds": timed["logprobs"] / steps} if reference is not None else {}),
+        **({"logprob_seconds": timed["logprobs"] / steps} if learner.reference is not None else {}),
         "update_seconds": timed["update"] / steps,
         "generated_tokens_per_step": timed["generated_tokens"] / steps,
         "trained_tokens_per_step": timed["trained_tokens"] / steps,
@@ -1588,7 +1726,9 @@ def format_bench(report: dict) -> str:
     logprobs = f"{r['logprob_seconds']:.2f}" if "logprob_seconds" in r else "-"  # only A*-PO needs a pass
     lines = [f"{r['model']}: {r['parameters'] / 1e6:.1f}M parameters, {r['device']} ({r['threads']} threads), "
              f"{r['precision']}, {r['prompts_per_step']} prompts x {r['group_size']} completions x "
-             f"{r['max_new_tokens']} new tokens, micro-batch {r['micro_batch'] or 'all'}, {r['loss']}",
+             f"{r['max_new_tokens']} new tokens, micro-batch {r['micro_batch']}"
+             f"{' (auto)' if r['micro_batch_auto'] else ''}, {r['loss']}, "
+             f"decoding {'compiled, static cache' if r['compiled_decoding'] else 'eager'}",
              "| seconds/step | generation | ref log-probs | update | completion tokens/s | peak RSS GiB | "
              "matmul GFLOP/s | matmul bound s | MFU |", "|" + "---|" * 9,
              f"| {r['seconds_per_step']:.2f} | {r['generation_seconds']:.2f} | {logprobs} | {r['update_seconds']:.2f} | "
@@ -1632,6 +1772,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print(f"error: out of GPU memory; lower --micro-batch (the update's rows per pass; 0 sizes it for "
+              f"{ACTIVATION_BUDGET_GB:g} GB of activations), or --prompts-per-step, --group-size or --max-new-tokens "
+              f"(sampling keeps every completion's KV cache)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
