@@ -1156,11 +1156,12 @@ def auto_micro_batch(rollout: Rollout, group_size: int, bytes_per_token: float,
                      budget_bytes: float = ACTIVATION_BUDGET_GB * 1e9) -> int:
     """--micro-batch 0: the most whole groups whose activations fit the budget (a group is one prompt
     pass plus G completions), or, when one group does not fit, the most rows that do (at least 1)."""
+    rows = rollout.completion_ids.shape[0]
     prompt_width = int(rollout.prompt_mask.any(0).sum())          # columns left after trimming
     completion_width = int(rollout.completion_mask.sum(-1).max())
     group_bytes = (prompt_width + group_size * completion_width) * bytes_per_token
     if group_bytes <= budget_bytes:
-        return group_size * int(budget_bytes // group_bytes)
+        return min(rows, group_size * int(budget_bytes // group_bytes))
     return max(1, int(budget_bytes // ((prompt_width + completion_width) * bytes_per_token)))
 
 

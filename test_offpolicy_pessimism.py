@@ -1,5 +1,6 @@
 """Tests that read like the claims they check. Run: python -m pytest -q test_offpolicy_pessimism.py"""
 
+import copy
 import importlib.util
 import json
 import math
@@ -855,3 +856,147 @@ def test_bench_runs_on_a_saved_model_and_a_data_task(tmp_path, capsys):
     with open(tmp_path / path) as f:
         report = json.load(f)
     assert report["model"] == saved and report["generated_tokens_per_step"] > 0 and report["mfu"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU speed and memory: compiled decoding on a static cache, micro-batches sized to a budget
+# ---------------------------------------------------------------------------------------------
+def static_decoding_copy(model):
+    """A copy decoding as --compile does, traced by dynamo but run eagerly (inductor on CPU takes ~30 s),
+    and the counter of the graphs it compiled."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    fast = copy.deepcopy(model)
+    op.enable_static_decoding(fast, backend=counter)
+    return fast, counter
+
+
+@pytest.mark.parametrize("style", ["builtin", "qwen2", "llama"])
+def test_static_cache_sampler_draws_the_eager_tokens_and_log_probs(style, tiny, tmp_path):
+    if style == "builtin":
+        model, tokenizer = tiny
+        prompts = ["7+3=", "45+21=", "99+29=", "0+0="]
+    else:
+        model, tokenizer = op.load_pretrained(save_chat_model(style, tmp_path))
+        prompts = ["What is 1 plus 2?", "Hi", "A much longer question about numbers?"]
+    model.eval()
+    fast, counter = static_decoding_copy(model)
+    for temperature, max_new_tokens in [(1.0, 6), (4.0, 60), (0.0, 5)]:
+        eager = op.sample_groups(model, tokenizer, prompts, 4, max_new_tokens, temperature,
+                                 torch.Generator().manual_seed(0))
+        static = op.sample_groups(fast, tokenizer, prompts, 4, max_new_tokens, temperature,
+                                  torch.Generator().manual_seed(0))
+        assert eager.prompt_mask.sum(-1).unique().numel() > 1  # prompts of different lengths in one batch
+        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+            assert torch.equal(getattr(eager, name), getattr(static, name)), name
+        assert (eager.behavior_logp - static.behavior_logp).abs().max() < 1e-5
+        if temperature == 4.0:  # completions end early, at different steps
+            assert (~static.truncated).any() and static.completion_mask.sum(-1).unique().numel() > 1
+    assert counter.frame_count >= 1  # the decode step did go through torch.compile
+
+
+def test_all_completions_ending_early_stop_the_static_sampler_too(tiny):
+    model, tokenizer = tiny
+    fast, _ = static_decoding_copy(model)
+    eager, static = (op.sample_groups(m, tokenizer, ["7+3=", "1+1="], 16, 100, 4.0, torch.Generator().manual_seed(2))
+                     for m in (model, fast))
+    assert static.completion_ids.shape[1] < 100 and not static.truncated.any()  # the loop stopped when all ended
+    assert torch.equal(eager.completion_ids, static.completion_ids)
+    assert torch.allclose(eager.behavior_logp, static.behavior_logp, atol=1e-5)
+
+
+def test_a_new_batch_with_other_prompt_lengths_does_not_recompile(tiny):
+    model, tokenizer = tiny
+    fast, counter = static_decoding_copy(model)
+    op.sample_groups(fast, tokenizer, ["7+3=", "45+21="], 4, 6, 1.0, torch.Generator().manual_seed(0))
+    compiled = counter.frame_count
+    assert compiled >= 1
+    for prompts, max_new_tokens in [(["1+1=", "9+2="], 6), (["99+29=", "10+10="], 9), (["3+3=", "1+22="], 6)]:
+        op.sample_groups(fast, tokenizer, prompts, 4, max_new_tokens, 1.0, torch.Generator().manual_seed(1))
+    assert counter.frame_count == compiled  # other prompt widths and token caps fall in the same length bucket
+    assert len(fast.static_decoding.caches) == 1  # and reuse one preallocated cache
+
+
+def saved_activation_bytes(model, rollout) -> int:
+    """What a forward pass keeps for backward (parameters excluded), counted the test's own way."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def keep(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        op.completion_logprobs(model, rollout, 1.0)
+    return sum(storages.values())
+
+
+def test_the_default_micro_batch_keeps_its_activations_within_the_budget(tiny):
+    policy, rollout, _ = perturbed_batch(tiny)  # 12 rows, groups of 4
+    per_token = op.activation_bytes_per_token(policy, "fp32")
+    group = saved_activation_bytes(policy, rollout.rows(slice(0, 4)))
+    assert per_token > 0
+    for budget, expected in [(1.2 * group, 4), (2.5 * group, 8), (0.6 * group, None), (100 * group, 12)]:
+        rows = op.auto_micro_batch(rollout, 4, per_token, budget)
+        if expected is not None:
+            assert rows >= expected
+        assert rows % 4 == 0 or rows < 4  # whole groups, or rows of one group when a group does not fit
+        for part in op.micro_batches(rollout, rows):
+            assert saved_activation_bytes(policy, rollout.rows(part)) <= budget, (budget, rows)
+
+
+def test_the_learning_rate_default_depends_on_the_model(tmp_path):
+    assert op.parse_config([]).lr == 1e-4
+    saved = save_chat_model("llama", tmp_path)
+    assert op.parse_config(["--model", saved]).lr == 1e-6  # TRL GRPOTrainer's: 1e-4 wrecks a pretrained model
+    assert op.parse_config(["--model", saved, "--lr", "3e-5"]).lr == 3e-5
+
+
+def test_bf16_keeps_the_generator_and_reference_in_bf16_and_the_policy_in_fp32(tiny):
+    policy = op.build_tiny_model(tiny[1], seed=1)
+    learner = op.make_learner(op.Config(loss="apo", compile="off"), policy, torch.device("cpu"), "bf16")
+    assert next(learner.policy.parameters()).dtype == torch.float32
+    assert next(learner.generator.parameters()).dtype == torch.bfloat16
+    assert next(learner.reference.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        next(policy.parameters()).add_(0.5)
+    op.refresh_generator(learner.generator, policy)
+    for g, p in zip(learner.generator.parameters(), policy.parameters()):
+        assert torch.equal(g, p.to(torch.bfloat16))
+
+
+def test_a_run_with_compiled_decoding_trains_and_evaluates(tmp_path, monkeypatch):
+    counters = []
+
+    def traced_eagerly(model):
+        from torch._dynamo.testing import CompileCounter
+
+        counters.append(CompileCounter())
+        model.static_decoding = op.StaticDecoding(model, backend=counters[-1])
+
+    monkeypatch.setattr(op, "enable_static_decoding", traced_eagerly)
+    out = tmp_path / "out"
+    assert op.main(["--out", str(out), *TINY, "--compile", "on"]) == 0
+    assert len(counters) == 2 and all(c.frame_count >= 1 for c in counters)  # the generator and the policy (eval)
+    (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
+    metrics = op.read_metrics(out / run / "metrics.jsonl")
+    assert len(metrics) == 4 and all(m["micro_batch"] == 16 for m in metrics[1:])  # the tiny model: one pass
+
+
+def test_compile_on_needs_static_caches_written_in_order(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(op, "static_decoding_supported", lambda: False)
+    assert op.main(["--out", str(tmp_path / "out"), "--compile", "on"]) == 2
+    assert "--compile on needs transformers 5" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_flag_to_lower(tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+
+    monkeypatch.setattr(op, "rl_step", out_of_memory)
+    assert op.main(["--out", str(tmp_path / "out"), *TINY]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the warm start's progress bar
+    assert err.startswith("error: out of GPU memory") and "--micro-batch" in err and "Tried" not in err
