@@ -1142,9 +1142,10 @@ def activation_bytes_per_token(model, precision: str) -> float:
                 storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
             return tensor
 
-        ids, mask = torch.zeros(1, 8 + width, dtype=torch.long, device=device), torch.ones(1, 8 + width, dtype=torch.bool,
-                                                                                      device=device)
-        probe = Rollout(ids[:, :8], mask[:, :8], ids[:, 8:], mask[:, 8:], torch.zeros(1, width, device=device), mask[:, 0])
+        ids = torch.zeros(1, 8 + width, dtype=torch.long, device=device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        probe = Rollout(ids[:, :8], mask[:, :8], ids[:, 8:], mask[:, 8:], torch.zeros(1, width, device=device),
+                        ~mask[:, 0])  # one row: 8 prompt tokens, then `width` completion tokens
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast(device, precision):
             completion_logprobs(model, probe, 1.0)
         return sum(storages.values())
@@ -1696,8 +1697,8 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
     report = {
         "model": source, "parameters": parameters, "device": str(device), "precision": precision,
         "threads": torch.get_num_threads(), "loss": cfg.loss, "prompts_per_step": cfg.prompts_per_step,
-        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": timed["micro_batch"], "micro_batch_auto": cfg.micro_batch == 0,
-        "compiled_decoding": hasattr(learner.generator, "static_decoding"),
+        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": timed["micro_batch"],
+        "micro_batch_auto": cfg.micro_batch == 0, "compiled_decoding": hasattr(learner.generator, "static_decoding"),
         "timed_steps": steps, "seconds_per_step": seconds,
         "generation_seconds": timed["generation"] / steps,
         **({"logprob_seconds": timed["logprobs"] / steps} if learner.reference is not None else {}),
