@@ -188,7 +188,7 @@ def check_config(cfg: Config) -> None:
         except ImportError:
             raise UsageError("--checker math_verify needs the math_verify package: pip install math-verify") from None
     if cfg.compile == "on" and not static_decoding_supported():
-        raise UsageError("--compile on needs transformers 5 (a StaticCache written in order); upgrade it or use "
+        raise UsageError("--compile on needs transformers >= 5.4 (a StaticCache written in order); upgrade it or use "
                          "--compile off")
     if cfg.bench_shape and not cfg.bench:
         raise UsageError("--bench-shape only applies to --bench N")
@@ -693,7 +693,7 @@ LENGTH_BUCKET = 128  # --compile: cache lengths are rounded up to a multiple of 
 
 
 def static_decoding_supported() -> bool:
-    """Static caches written in order (prompt first, then one slot per token): transformers 5.x."""
+    """Static caches written in order (prompt first, then one slot per token): transformers 5.4 and later."""
     try:
         from transformers.cache_utils import StaticLayer
     except ImportError:
