@@ -1522,6 +1522,7 @@ def run_grid(cfg: Config) -> list[dict]:
                 if json.load(f)["steps"] >= cell.steps:
                     continue  # finished: never rerun
         resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
+        torch._dynamo.reset()  # --compile: drop the previous cell's compiled decode steps (and their models)
         train(dataclasses.replace(cell, resume=resume), problems)
     runs = grouped_runs(cells)
     rows = grid_table(runs)
