@@ -1778,8 +1778,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except torch.cuda.OutOfMemoryError:
         print(f"error: out of GPU memory; lower --micro-batch (the update's rows per pass; 0 sizes it for "
-              f"{ACTIVATION_BUDGET_GB:g} GB of activations), or --prompts-per-step, --group-size or --max-new-tokens "
-              f"(sampling keeps every completion's KV cache)", file=sys.stderr)
+              f"{ACTIVATION_BUDGET_GB:g} GB of activations; --resume continues the run with a new value), or "
+              f"--prompts-per-step, --group-size or --max-new-tokens (sampling keeps every completion's KV cache)",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
