@@ -54,9 +54,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-LOSSES = ("ppo", "tis", "reinforce", "oapl", "apo", "pmd", "shifted")
+LOSSES = ("ppo", "tis", "reinforce", "oapl", "apo", "pmd", "shifted", "centred")
 TASKS = ("arith", "gsm8k", "math", "jsonl")
 BUILTIN_WARM_START_STEPS = 600  # supervised steps that bring the tiny model to about 55% accuracy
+STRONG_WARM_START_STEPS = 2400  # --preset strong-start: a warm start of at least 85%
 ACTIVATION_BUDGET_GB = 8.0      # --micro-batch 0: activations kept for the backward pass, per micro-batch
 
 
@@ -117,8 +118,10 @@ class Config:
     bench_shape: str = flag("", "benchmark a randomly initialised model of this shape (offline) instead of --model",
                             choices=("", "smollm2-135m"))
     compare: bool = flag(False, "run the grid losses x lags x seeds (same budget per cell), write a table")
-    preset: str = flag("", "compare: lags = 5 losses x lags 1-256 x 3 seeds; regimes = oapl/shifted sweep at lag 64",
-                       choices=("", "lags", "regimes"))
+    preset: str = flag("", "compare: lags = 5 losses x lags 1-256 x 3 seeds; regimes = oapl/shifted sweep at lag 64; "
+                           "mechanism = shift sweep, oapl and centred at lags 64/256; strong-start = lags at a "
+                           f"{STRONG_WARM_START_STEPS}-step warm start", choices=("", "lags", "regimes", "mechanism",
+                                                                                  "strong-start"))
     losses: str = flag("ppo,tis,pmd,oapl,shifted", "compare: comma-separated losses")
     lags: str = flag("1,16,64,256", "compare: comma-separated lags")
     seeds: str = flag("1,2,3", "compare: comma-separated seeds")
@@ -937,6 +940,26 @@ def shifted_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: flo
     return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
 
 
+def centred_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, length_normalize: bool = False):
+    """The control of PAPER.md section 8: eq. 1 without its mean term, i.e. the baseline-free pairwise
+    regression of REBEL (arXiv 2404.16767) in its centred form, d = log(pi/mu)(y):
+    L = mean (beta * (d_i - mean_j d_j) - (r_i - mean_j r_j))^2.
+    A constant added to a group's rewards or baseline cancels: no baseline, so no regime.
+    """
+    advantages = rewards - group_mean(rewards)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio - group_mean(log_ratio), advantages, beta), {"advantages": advantages}
+
+
+def regression_split(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float):
+    """PAPER.md section 8: eq. 1 on each group splits exactly into a centred part and a mean term,
+    mean_i (beta d_i - A_i)^2 = mean_i (beta (d_i - dbar) - (A_i - Abar))^2 + (beta dbar - Abar)^2;
+    both averaged over groups, as the losses are. (groups, G) in, two scalars out."""
+    log_ratio_mean, advantage_mean = group_mean(log_ratio), group_mean(advantages)
+    centred = ((beta * (log_ratio - log_ratio_mean) - (advantages - advantage_mean)) ** 2).mean()
+    return centred, ((beta * log_ratio_mean - advantage_mean) ** 2).mean()
+
+
 def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor) -> dict:
     ratio, clipped = ratio.detach()[mask], clipped[mask]
     return {"ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(),
@@ -1045,6 +1068,14 @@ def mass_leakage(policy_sequence_logp: torch.Tensor, behavior_sequence_logp: tor
 # ----------------------------------------------------------------------------------------------
 # Training loop: refresh the generator every `lag` steps, sample, score, update, log, checkpoint.
 # ----------------------------------------------------------------------------------------------
+def mean_term_diagnostics(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float) -> dict:
+    """Section 8 for the group-constant baselines (pmd, shifted, oapl): the mean term's target for the
+    group's mean log-ratio, Abar / beta (achieved: log_ratio_mean), and the loss split into its parts."""
+    centred, mean_term = regression_split(log_ratio, advantages, beta)
+    return {"mean_term_target": (group_mean(advantages) / beta).mean().item(), "loss_centred": centred.item(),
+            "loss_mean_term": mean_term.item()}
+
+
 class TrainingDiverged(Exception):
     """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
 
@@ -1116,6 +1147,8 @@ def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=N
         return apo_loss(policy_logp, ref_logp, mask, rewards, ref_value, cfg.beta, norm)
     if cfg.loss == "pmd":
         return pmd_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
+    if cfg.loss == "centred":
+        return centred_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
     return shifted_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.shift, norm)
 
 
@@ -1171,7 +1204,7 @@ def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micr
     """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
 
     Every loss here is a mean over completions of a per-completion term (the advantages depend on the
-    rewards alone), so the full-batch gradient is the sum, over micro-batches, of the gradient of the
+    rewards alone; centred's also on its group's log-ratios, so it takes micro-batches of whole groups), so the full-batch gradient is the sum, over micro-batches, of the gradient of the
     full-batch loss in which only that micro-batch's rows carry the graph (the other rows enter as
     constants). No rescaling is needed and only one micro-batch's activations are alive at a time.
     Returns the full-batch (loss, diagnostics) and the detached (policy_logp, entropy), both (N, T).
@@ -1253,6 +1286,8 @@ def rl_step(cfg: Config, learner: Learner, tokenizer, batch: list[tuple[str, str
     seconds["generation"], tick = time.perf_counter() - tick, time.perf_counter()
 
     micro_batch = cfg.micro_batch or auto_micro_batch(rollout, cfg.group_size, learner.bytes_per_token)
+    if cfg.loss == "centred":  # its loss couples a group's completions: micro-batches of whole groups
+        micro_batch = -(-micro_batch // cfg.group_size) * cfg.group_size
     ref_logp = None
     if reference is not None:  # the only extra pass: behaviour log-probs were recorded while sampling
         with torch.no_grad(), autocast(device, precision):
@@ -1408,19 +1443,24 @@ def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
         policy_sequence_logp = sequence_sum(policy_logp.detach(), mask)
         behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)
         token_log_ratio = (policy_logp.detach() - rollout.behavior_logp)[mask]
+        sequence_log_ratio = policy_sequence_logp - behavior_sequence_logp  # d_i = log pi/mu of each completion
         tokens = int(mask.sum())
         record = {
             "step": step, "staleness": rollout.staleness, "loss": loss.item(), "reward_mean": rewards.mean().item(),
             "advantage_mean": advantages.mean().item(), "grad_norm": grad_norm.item(),
             "entropy": entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
-            "log_ratio_mean": (policy_sequence_logp - behavior_sequence_logp).mean().item(),
+            "log_ratio_mean": sequence_log_ratio.mean().item(),
             "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
+            "kl_sequence": (sequence_log_ratio.clamp(max=20).exp() - 1 - sequence_log_ratio).mean().item(),
+            "equal_reward_groups": (rewards == rewards[:, :1]).all(-1).float().mean().item(),
             **mass_leakage(policy_sequence_logp, behavior_sequence_logp, rollout.completion_ids, mask,
                            cfg.group_size),
             **diagnostics,
         }
         if cfg.loss in ("oapl", "apo", "pmd", "shifted"):
             record.update(regime_diagnostics(advantages, rewards, cfg.beta))
+        if cfg.loss in ("oapl", "pmd", "shifted"):
+            record.update(mean_term_diagnostics(sequence_log_ratio.view_as(rewards), advantages, cfg.beta))
         totals["rollout_seconds"] += rollout_seconds
         totals["rollout_tokens"] += tokens
         record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch,
@@ -1454,6 +1494,10 @@ PRESETS = {
     "lags": {"losses": "ppo,tis,pmd,oapl,shifted", "lags": "1,16,64,256", "seeds": "1,2,3", "steps": 300},
     "regimes": {"losses": "oapl,shifted", "lags": "64", "seeds": "1,2", "beta_values": "0.05,0.1,0.3",
                 "shifts": "0.25,1,3", "steps": 300},
+    "mechanism": {"losses": "shifted,oapl,centred", "lags": "64,256", "seeds": "1,2,3", "beta_values": "0.2,0.3",
+                  "shifts": "-2,-1,-0.5,-0.25,0,0.25,1", "steps": 300},
+    "strong-start": {"losses": "ppo,tis,pmd,oapl,shifted", "lags": "1,64", "seeds": "1,2,3",
+                     "warm_starts": str(STRONG_WARM_START_STEPS), "steps": 300},
 }
 
 

@@ -114,7 +114,7 @@ def test_shifted_mean_is_always_pessimistic_and_neutral_on_equal_rewards():
 
 
 # ---------------------------------------------------------------------------------------------
-# The seven losses: values and gradient signs on hand-made inputs
+# The eight losses: values and gradient signs on hand-made inputs
 # ---------------------------------------------------------------------------------------------
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # one group: the first completion is the correct one
 MASK = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
@@ -131,6 +131,7 @@ def loss_and_grad(name, policy_minus_behavior=0.0):
         "apo": lambda: op.apo_loss(policy_logp, behavior_logp, MASK, REWARDS, torch.tensor([[0.5]]), 0.1),
         "pmd": lambda: op.pmd_loss(policy_logp, behavior_logp, MASK, REWARDS, 0.1),
         "shifted": lambda: op.shifted_loss(policy_logp, behavior_logp, MASK, REWARDS, 0.1, 1.0),
+        "centred": lambda: op.centred_loss(policy_logp, behavior_logp, MASK, REWARDS, 0.1),
     }
     loss, diagnostics = args[name]()
     loss.backward()
@@ -663,7 +664,8 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient(loss, tiny):
     policy, rollout, rewards = perturbed_batch(tiny)
     cfg = op.Config(loss=loss)
     full_loss, full_grads, full_logp = gradients_of(policy, rollout, rewards, cfg, 0)
-    for micro_batch in (1, 5):  # 12 rows: single rows, and uneven slices that cut groups apart
+    # 12 rows: single rows, and uneven slices that cut groups apart; centred couples a group's rows, so whole groups
+    for micro_batch in ((4, 8) if loss == "centred" else (1, 5)):
         micro_loss, micro_grads, micro_logp = gradients_of(policy, rollout, rewards, cfg, micro_batch)
         assert micro_loss == pytest.approx(full_loss, abs=1e-6)
         assert torch.allclose(micro_logp, full_logp, atol=1e-5)
@@ -1008,3 +1010,91 @@ def test_out_of_gpu_memory_is_one_line_naming_the_flag_to_lower(tmp_path, monkey
     assert op.main(["--out", str(tmp_path / "out"), *TINY]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the warm start's progress bar
     assert err.startswith("error: out of GPU memory") and "--micro-batch" in err and "Tried" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Why a ratio-free loss is stable: the mean term of PAPER.md section 8
+# ---------------------------------------------------------------------------------------------
+SPLIT_REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+
+
+def float64_batch():
+    """Token log-probs (12, 5) of a policy and a generator, with completions of several lengths."""
+    generator = torch.Generator().manual_seed(0)
+    policy_logp = (-torch.rand(12, 5, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    behavior_logp = -torch.rand(12, 5, generator=generator, dtype=torch.float64)
+    mask = op.mask_from_lengths(torch.tensor([5, 4, 3, 2] * 3), 5)
+    return policy_logp, behavior_logp, mask
+
+
+def test_pmd_shifted_and_oapl_differ_only_by_the_gradient_of_the_mean_term():
+    policy_logp, behavior_logp, mask = float64_batch()
+    beta = 0.1
+    losses = {"pmd": op.pmd_loss(policy_logp, behavior_logp, mask, SPLIT_REWARDS, beta),
+              "shifted": op.shifted_loss(policy_logp, behavior_logp, mask, SPLIT_REWARDS, beta, shift=1.0),
+              "oapl": op.oapl_loss(policy_logp, behavior_logp, mask, SPLIT_REWARDS, beta, beta_value=0.2)}
+    log_ratio = op.sequence_sum(policy_logp - behavior_logp, mask).view_as(SPLIT_REWARDS)
+    grads, centred_parts = {}, []
+    for name, (loss, diagnostics) in losses.items():
+        centred, mean_term = op.regression_split(log_ratio, diagnostics["advantages"], beta)
+        assert loss.item() == pytest.approx((centred + mean_term).item(), abs=1e-14)  # the split is exact
+        loss_grad, mean_grad, centred_grad = (torch.autograd.grad(value, policy_logp, retain_graph=True)[0]
+                                              for value in (loss, mean_term, centred))
+        grads[name] = (loss_grad, mean_grad)
+        centred_parts.append((centred.item(), centred_grad))
+    for value, grad in centred_parts[1:]:  # the centred part is the same function for all three
+        assert value == pytest.approx(centred_parts[0][0], abs=1e-14) and torch.allclose(grad, centred_parts[0][1],
+                                                                                       atol=1e-14)
+    for name in ("shifted", "oapl"):
+        loss_difference = grads[name][0] - grads["pmd"][0]
+        mean_term_difference = grads[name][1] - grads["pmd"][1]
+        assert loss_difference.abs().max() > 1e-3  # the losses do differ
+        assert torch.allclose(loss_difference, mean_term_difference, atol=1e-14)
+
+
+def test_centred_loss_ignores_constants_added_to_a_groups_rewards_or_log_ratios():
+    policy_logp, behavior_logp, mask = float64_batch()
+    loss, _ = op.centred_loss(policy_logp, behavior_logp, mask, SPLIT_REWARDS, 0.1)
+    shifted_rewards = SPLIT_REWARDS + torch.tensor([[0.3], [-2.0], [5.0]], dtype=torch.float64)
+    assert op.centred_loss(policy_logp, behavior_logp, mask, shifted_rewards, 0.1)[0].item() == pytest.approx(
+        loss.item(), abs=1e-14)
+    moved = behavior_logp.clone()
+    moved[4:8, 0] += 0.7  # the second group's log-ratios all lower by 0.7: its mean, not its spread
+    assert op.centred_loss(policy_logp, moved, mask, SPLIT_REWARDS, 0.1)[0].item() == pytest.approx(loss.item(),
+                                                                                                   abs=1e-14)
+    log_ratio = op.sequence_sum(policy_logp - behavior_logp, mask).view_as(SPLIT_REWARDS)
+    for baseline in (op.group_mean(SPLIT_REWARDS), op.soft_value(SPLIT_REWARDS, 0.2), torch.zeros(3, 1)):
+        centred, _ = op.regression_split(log_ratio, SPLIT_REWARDS - baseline, 0.1)  # any group-constant baseline
+        assert centred.item() == pytest.approx(loss.item(), abs=1e-14)
+
+
+def test_mechanism_and_strong_start_presets_have_their_cells():
+    cells = op.grid_cells(op.parse_config(["--compare", "--preset", "mechanism"]))
+    assert len(cells) == (7 + 2 + 1) * 2 * 3
+    labels = {op.cell_label(c) for c in cells}
+    assert {f"shifted shift={s}" for s in ("-2", "-1", "-0.5", "-0.25", "0", "0.25", "1")} <= labels
+    assert {"oapl beta_v=0.2", "oapl beta_v=0.3", "centred"} <= labels and len(labels) == 10
+    assert {c.lag for c in cells} == {64, 256} and {c.seed for c in cells} == {1, 2, 3}
+    assert all(c.steps == 300 for c in cells)
+    strong = op.grid_cells(op.parse_config(["--compare", "--preset", "strong-start"]))
+    assert len(strong) == 5 * 2 * 3 and {c.lag for c in strong} == {1, 64}
+    assert {c.warm_start_steps for c in strong} == {op.STRONG_WARM_START_STEPS}
+    assert {c.loss for c in strong} == {"ppo", "tis", "pmd", "oapl", "shifted"}
+
+
+@pytest.mark.parametrize("loss", ["pmd", "shifted", "oapl", "centred"])
+def test_mean_term_diagnostics_are_logged_and_finite(loss, tmp_path):
+    out = tmp_path / "out"
+    assert op.main(["--out", str(out), *TINY, "--loss", loss]) == 0
+    (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
+    steps = op.read_metrics(out / run / "metrics.jsonl")[1:]
+    keys = ["kl_sequence", "equal_reward_groups", "log_ratio_mean"]
+    if loss != "centred":
+        keys += ["mean_term_target", "loss_centred", "loss_mean_term"]
+    for m in steps:
+        assert all(math.isfinite(m[key]) for key in keys), m
+        assert m["kl_sequence"] >= 0 and 0 <= m["equal_reward_groups"] <= 1
+        if loss != "centred":
+            assert m["loss_centred"] + m["loss_mean_term"] == pytest.approx(m["loss"], rel=1e-4, abs=1e-6)
+    if loss == "shifted":
+        assert all(m["mean_term_target"] == pytest.approx(1.0) for m in steps)  # shift * beta / beta
