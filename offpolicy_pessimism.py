@@ -1,4 +1,4 @@
-"""Off-policy RL for LLM reasoning, in one file: a lagged generator, a reward checker, seven losses.
+"""Off-policy RL for LLM reasoning, in one file: a lagged generator, a reward checker, eight losses.
 
 At scale, rollouts come from a *lagged* copy of the policy (the generator `mu`), so learning is
 off-policy. This script reproduces that setting on one GPU or a laptop CPU and compares the two
@@ -8,7 +8,8 @@ It Is More Pessimistic Than You Think"):
 * importance-weighted policy gradients (`ppo`, `tis`) and ratio-free REINFORCE (`reinforce`);
 * ratio-free squared-loss regression of `beta * log(pi/mu)` on an advantage (eq. 1), whose
   stationary target is a Lambert-W-tempered version of `mu * exp(A/beta)` (eq. 2): `oapl`, `apo`,
-  `pmd`, and the paper's beta-shifted-mean advantage `shifted` (the default).
+  `pmd`, and the paper's beta-shifted-mean advantage `shifted` (the default); and `centred`, eq. 1
+  without the mean term that sets these apart on samples (a control, README "The eight losses").
 
 Notation (README, "The math"): x a prompt, y a completion, r in {0, 1} its reward, pi the policy,
 mu the generator (refreshed from pi every `lag` steps), G completions per prompt, and
