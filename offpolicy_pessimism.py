@@ -1368,6 +1368,40 @@ def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
     return device, precision
 
 
+def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.device) -> dict:
+    """One line of metrics.jsonl (README, "Reading metrics.jsonl"): the batch as the policy saw it
+    before the update, the loss's own diagnostics, the regime and section 8 diagnostics, timings."""
+    rollout, rewards, mask = result.rollout, result.rewards, result.rollout.completion_mask
+    advantages = result.diagnostics["advantages"].detach()
+    policy_sequence_logp = sequence_sum(result.policy_logp, mask)
+    behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)
+    token_log_ratio = (result.policy_logp - rollout.behavior_logp)[mask]
+    sequence_log_ratio = policy_sequence_logp - behavior_sequence_logp  # d_i = log pi/mu of each completion
+    tokens = int(mask.sum())
+    rollout_seconds = result.seconds["generation"]
+    update_seconds = result.seconds["logprobs"] + result.seconds["update"]
+    record = {
+        "step": step, "staleness": rollout.staleness, "loss": result.loss.item(), "reward_mean": rewards.mean().item(),
+        "advantage_mean": advantages.mean().item(), "grad_norm": result.grad_norm.item(),
+        "entropy": result.entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
+        "log_ratio_mean": sequence_log_ratio.mean().item(),
+        "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
+        "kl_sequence": (sequence_log_ratio.clamp(max=20).exp() - 1 - sequence_log_ratio).mean().item(),
+        "equal_reward_groups": (rewards == rewards[:, :1]).all(-1).float().mean().item(),
+        **mass_leakage(policy_sequence_logp, behavior_sequence_logp, rollout.completion_ids, mask, cfg.group_size),
+        **{key: value for key, value in result.diagnostics.items() if key != "advantages"},
+    }
+    if cfg.loss in ("oapl", "apo", "pmd", "shifted"):
+        record.update(regime_diagnostics(advantages, rewards, cfg.beta))
+    if cfg.loss in ("oapl", "pmd", "shifted"):
+        record.update(mean_term_diagnostics(sequence_log_ratio.view_as(rewards), advantages, cfg.beta))
+    record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch,
+                  rollout_seconds=rollout_seconds, update_seconds=update_seconds,
+                  rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9),
+                  update_tokens_per_s=tokens / max(update_seconds, 1e-9), **peak_memory(device))
+    return record
+
+
 def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
     device, precision = device_and_precision(cfg)
     run_dir = run_folder(cfg)
@@ -1432,42 +1466,9 @@ def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
             result = rl_step(cfg, learner, tokenizer, batch, staleness, sample_rng, ref_values)
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error} at step {step}; the last good checkpoint stays in {checkpoint_path}")
-        rollout, rewards, loss, diagnostics, policy_logp, entropy, grad_norm = (
-            result.rollout, result.rewards, result.loss, result.diagnostics, result.policy_logp, result.entropy,
-            result.grad_norm)
-        rollout_seconds = result.seconds["generation"]
-        update_seconds = result.seconds["logprobs"] + result.seconds["update"]
-
-        # 3. diagnostics, on the batch as the policy saw it before this update
-        mask = rollout.completion_mask
-        advantages = diagnostics.pop("advantages").detach()
-        policy_sequence_logp = sequence_sum(policy_logp.detach(), mask)
-        behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)
-        token_log_ratio = (policy_logp.detach() - rollout.behavior_logp)[mask]
-        sequence_log_ratio = policy_sequence_logp - behavior_sequence_logp  # d_i = log pi/mu of each completion
-        tokens = int(mask.sum())
-        record = {
-            "step": step, "staleness": rollout.staleness, "loss": loss.item(), "reward_mean": rewards.mean().item(),
-            "advantage_mean": advantages.mean().item(), "grad_norm": grad_norm.item(),
-            "entropy": entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
-            "log_ratio_mean": sequence_log_ratio.mean().item(),
-            "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
-            "kl_sequence": (sequence_log_ratio.clamp(max=20).exp() - 1 - sequence_log_ratio).mean().item(),
-            "equal_reward_groups": (rewards == rewards[:, :1]).all(-1).float().mean().item(),
-            **mass_leakage(policy_sequence_logp, behavior_sequence_logp, rollout.completion_ids, mask,
-                           cfg.group_size),
-            **diagnostics,
-        }
-        if cfg.loss in ("oapl", "apo", "pmd", "shifted"):
-            record.update(regime_diagnostics(advantages, rewards, cfg.beta))
-        if cfg.loss in ("oapl", "pmd", "shifted"):
-            record.update(mean_term_diagnostics(sequence_log_ratio.view_as(rewards), advantages, cfg.beta))
-        totals["rollout_seconds"] += rollout_seconds
-        totals["rollout_tokens"] += tokens
-        record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch,
-                      rollout_seconds=rollout_seconds,
-                      update_seconds=update_seconds, rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9),
-                      update_tokens_per_s=tokens / max(update_seconds, 1e-9), **peak_memory(device))
+        record = step_metrics(cfg, step, result, device)  # 3. diagnostics, on the batch as the policy saw it
+        totals["rollout_seconds"] += result.seconds["generation"]
+        totals["rollout_tokens"] += int(result.rollout.completion_mask.sum())
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["eval_accuracy"] = accuracy()
             evals.append(record["eval_accuracy"])
