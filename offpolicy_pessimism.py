@@ -1710,23 +1710,23 @@ def plot_mechanism(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str
     figure.tight_layout()
     figure.savefig(os.path.join(out, "mean_advantage.png"), dpi=110)
     plt.close(figure)
-    lags = sorted({lag for _, lag in grouped})
-    figure, axes = plt.subplots(1, len(lags), figsize=(4.5 * len(lags), 3.6), squeeze=False)
+    lags, labels = sorted({lag for _, lag in grouped}), list(dict.fromkeys(label for label, _ in grouped))
+    figure, axes = plt.subplots(1, len(lags), figsize=(4.5 * len(lags) + 2, 3.6), squeeze=False)
     for axis, lag in zip(axes[0], lags):
-        for index, ((label, cell_lag), cell_runs) in enumerate(grouped.items()):
+        for (label, cell_lag), cell_runs in grouped.items():
             steps = [m for run, _ in cell_runs for m in run if "loss" in m] if cell_lag == lag else []
             if not steps:
                 continue
-            staleness = sorted({m["staleness"] for m in steps})
-            line, = axis.plot(staleness, [mean([m["kl_sequence"] for m in steps if m["staleness"] == s])
-                                          for s in staleness], label=label, color=f"C{index % 10}", lw=1)
+            staleness, line_colour = sorted({m["staleness"] for m in steps}), plt.cm.tab20(labels.index(label) % 20)
+            axis.plot(staleness, [mean([m["kl_sequence"] for m in steps if m["staleness"] == s]) for s in staleness],
+                      label=label, color=line_colour, lw=1)
             if "mean_term_target" in steps[0]:
-                axis.axhline(max(0.0, -mean([m["mean_term_target"] for m in steps])), color=line.get_color(),
-                             ls="--", lw=0.8)
+                axis.axhline(max(0.0, -mean([m["mean_term_target"] for m in steps])), color=line_colour, ls="--",
+                             lw=0.8)
         axis.set_yscale("symlog", linthresh=0.1)
         axis.set_title(f"lag {lag}: KL(mu || pi) per sequence; dashed: max(0, -Abar / beta)", fontsize=8)
         axis.set_xlabel("staleness (steps since the refresh)")
-    axes[0][-1].legend(fontsize=6, ncol=2)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(os.path.join(out, "kl_stale_cycle.png"), dpi=110)
     plt.close(figure)
