@@ -1205,7 +1205,8 @@ def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micr
     """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
 
     Every loss here is a mean over completions of a per-completion term (the advantages depend on the
-    rewards alone; centred's also on its group's log-ratios, so it takes micro-batches of whole groups), so the full-batch gradient is the sum, over micro-batches, of the gradient of the
+    rewards alone; centred's also on its group's log-ratios, so it takes micro-batches of whole
+    groups), so the full-batch gradient is the sum, over micro-batches, of the gradient of the
     full-batch loss in which only that micro-batch's rows carry the graph (the other rows enter as
     constants). No rescaling is needed and only one micro-batch's activations are alive at a time.
     Returns the full-batch (loss, diagnostics) and the detached (policy_logp, entropy), both (N, T).
