@@ -619,6 +619,8 @@ def test_the_full_loop_runs_on_a_saved_chat_model_and_a_jsonl_task(style, tmp_pa
     (run,) = os.listdir(out)
     metrics = op.read_metrics(out / run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
+    with open(out / run / "config.json") as f:
+        assert json.load(f)["lr"] == 1e-6  # the resolved default for a pretrained model
     for key in ("truncated_fraction", "update_tokens_per_s", "rollout_tokens_per_s", "peak_rss_gb", "loss"):
         assert all(math.isfinite(m[key]) for m in metrics[1:]), key
     assert all(m["update_tokens_per_s"] > 0 and m["peak_rss_gb"] > 0 for m in metrics[1:])
