@@ -717,7 +717,7 @@ class StaticDecoding:
     """
 
     def __init__(self, model, backend="inductor", mode: str | None = None):
-        self.model, self.caches = model, {}
+        self.model, self.caches, self.cuda_graphs = model, {}, mode == "reduce-overhead"
         self.compiled = torch.compile(model, backend=backend, mode=mode, dynamic=False)
 
     def start(self, prompt_cache: dict, repeats: int, prompt_mask: torch.Tensor, max_new_tokens: int):
@@ -741,7 +741,7 @@ class StaticDecoding:
         return {name: cache}, attention_mask
 
     def step(self, **inputs):
-        if self.model.device.type == "cuda":
+        if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
         return self.compiled(**inputs)
 
@@ -1265,7 +1265,7 @@ class Learner:
     reference: torch.nn.Module | None  # pi_ref, the policy as RL started (A*-PO only)
     optimizer: torch.optim.Optimizer
     precision: str                     # fp32, or bf16 autocast
-    bytes_per_token: float             # activations kept for backward, per token: sizes --micro-batch 0
+    bytes_per_token: float             # activations kept for backward, per token: sizes --micro-batch 0 (else 0)
 
 
 def rl_step(cfg: Config, learner: Learner, tokenizer, batch: list[tuple[str, str]], staleness: int,
@@ -1358,7 +1358,8 @@ def make_learner(cfg: Config, policy, device: torch.device, precision: str) -> L
             if model is not None:
                 enable_static_decoding(model)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    return Learner(policy, generator, reference, optimizer, precision, activation_bytes_per_token(policy, precision))
+    bytes_per_token = activation_bytes_per_token(policy, precision) if cfg.micro_batch == 0 else 0.0
+    return Learner(policy, generator, reference, optimizer, precision, bytes_per_token)
 
 
 def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
@@ -1596,12 +1597,14 @@ def grouped_runs(cells: list[Config]) -> dict[tuple, list[tuple[list[dict], dict
     return runs
 
 
+def mean(values) -> float:
+    """Mean of the values that are not None or NaN (NaN when none are): averages over steps and seeds."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def grid_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict]:
     """One row per (loss variant, lag): means over seeds of each cell's own metrics."""
-
-    def mean(values):
-        values = [v for v in values if v is not None and not math.isnan(v)]
-        return sum(values) / len(values) if values else float("nan")
 
     def over_steps(key, metrics, last=None):
         steps = [m[key] for m in metrics if key in m and "loss" in m]
@@ -1693,7 +1696,6 @@ def plot_mechanism(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str
         return
     losses = sorted({label.split()[0] for label, _ in grouped})
     colour = {loss: f"C{i}" for i, loss in enumerate(losses)}
-    mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for (label, lag), cell_runs in grouped.items():
         for run, _ in cell_runs:
