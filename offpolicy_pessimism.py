@@ -36,8 +36,11 @@ learning-rate schedules.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import datetime
+import functools
 import hashlib
 import inspect
 import json
@@ -52,6 +55,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -155,8 +159,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-def check_config(cfg: Config) -> None:
-    """Raise UsageError for any setting that cannot work, before anything is loaded or built."""
+def check_config(cfg: Config, world: int = 1) -> None:
+    """Raise UsageError for any setting that cannot work, before anything is loaded or built;
+    world: the number of processes torchrun started."""
     at_least = {"lag": 1, "steps": 1, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 1,
                 "eval_size": 1, "eval_every": 1, "warm_start_steps": -1, "micro_batch": 0, "bench": 0}
     for name, low in at_least.items():
@@ -194,6 +199,11 @@ def check_config(cfg: Config) -> None:
     if cfg.compile == "on" and not static_decoding_supported():
         raise UsageError("--compile on needs transformers >= 5.4 (a StaticCache written in order); upgrade it or use "
                          "--compile off")
+    if world > 1 and cfg.bench:
+        raise UsageError("--bench times one process; run it without torchrun")
+    if world > 1 and not cfg.compare and cfg.prompts_per_step % world:
+        raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} does not split across {world} processes; "
+                         f"make it a multiple of {world} (it is the batch of all processes together)")
     if cfg.bench_shape and not cfg.bench:
         raise UsageError("--bench-shape only applies to --bench N")
     if cfg.bench_shape and (cfg.model or cfg.task != "arith"):
@@ -569,7 +579,11 @@ class Rollout:
 
     def rows(self, part: slice) -> Rollout:
         """The rows `part` of every tensor (a micro-batch)."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[part] for f in dataclasses.fields(self)
+        return self.apply(lambda tensor: tensor[part])
+
+    def apply(self, function) -> Rollout:
+        """The rollout with `function` applied to each of its tensors."""
+        return dataclasses.replace(self, **{f.name: function(getattr(self, f.name)) for f in dataclasses.fields(self)
                                             if f.name != "staleness"})
 
 
@@ -603,17 +617,24 @@ def new_cache(model) -> dict:
     return {name: DynamicCache(config=model.config) if with_config else DynamicCache()}
 
 
-def sample_token(logp: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
-    """One token per row drawn from exp(logp) (rows, V), by inverse CDF: one uniform per row, where
-    torch.multinomial draws a random number per vocabulary entry."""
+def sampling_noise(key: str, rows: int, max_new_tokens: int) -> torch.Tensor:
+    """The uniforms (rows, max_new_tokens) that `sample_token` turns into tokens, float64 on the CPU,
+    a function of `key` alone: a step's draws do not depend on the device, on when sampling stops,
+    or on how the rows are split across processes (each takes its rows of the same tensor)."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
+    return torch.rand(rows, max_new_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def sample_token(logp: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from exp(logp) (rows, V) by inverse CDF, given one uniform per row (rows,)."""
     cdf = logp.exp().double().cumsum(-1)  # summed in float64: exact enough for the rarest tokens
-    uniform = torch.rand(logp.shape[0], 1, generator=rng, device=logp.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+    return torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
 
 def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                       eos_id: int, pad_id: int, rng: torch.Generator | None, repeats: int = 1) -> Rollout:
-    """Sample `repeats` completions per prompt (rows prompt-major) with the KV cache; temperature 0 is greedy.
+                       eos_id: int, pad_id: int, noise: torch.Tensor | None, repeats: int = 1) -> Rollout:
+    """Sample `repeats` completions per prompt (rows prompt-major) with the KV cache; temperature 0 is
+    greedy (noise None), else noise holds each row's uniforms (rows, >= max_new_tokens), see `sampling_noise`.
 
     Each prompt is encoded once and its KV cache copied to its `repeats` rows. behavior_logp[t] =
     log_softmax(logits_t / temperature)[y_t], in fp32: exactly the distribution the token was drawn
@@ -621,11 +642,12 @@ def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, 
     `enable_static_decoding` (--compile) runs the same loop on a preallocated cache with a compiled step.
     """
     with torch.no_grad():
-        return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng, repeats))
+        return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats))
 
 
-def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng, repeats) -> tuple[torch.Tensor, ...]:
+def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
+    noise = None if temperature == 0 else noise.to(device)
     unique_prompt, unique_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     cache = new_cache(model)
     logits_kwarg = _logits_kwarg(model)  # the prompt's last position is the only one sampled from
@@ -648,7 +670,7 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng,
     for t in range(max_new_tokens):
         if temperature > 0:
             logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
-            token = sample_token(logp, rng)
+            token = sample_token(logp, noise[:, t])
         else:
             logp = torch.log_softmax(logits, dim=-1)
             token = logits.argmax(-1)
@@ -673,10 +695,10 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, rng,
 
 
 def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
-                  temperature: float, rng: torch.Generator, staleness: int = 0) -> Rollout:
+                  temperature: float, noise: torch.Tensor, staleness: int = 0) -> Rollout:
     """G completions per prompt from the (possibly stale) generator; the batch carries its staleness."""
     rollout = sample_completions(generator, encode_prompts(tokenizer, prompts), max_new_tokens, temperature,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id, rng, repeats=group_size)
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, noise, repeats=group_size)
     rollout.staleness = staleness
     return rollout
 
@@ -1101,23 +1123,31 @@ def score(tokenizer, rollout: Rollout, answers: list[str], group_size: int, chec
 
 
 def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256,
-             checker=reward) -> float:
-    """Greedy accuracy on held-out problems."""
+             checker=reward, rank: int = 0, world: int = 1) -> float:
+    """Greedy accuracy on held-out problems. With world > 1 processes (torchrun) each takes every
+    world-th batch, the same batches as one process, and the counts are summed across them."""
     correct = 0.0
-    for start in range(0, len(problems), batch_size):
+    for start in range(rank * batch_size, len(problems), world * batch_size):
         batch = problems[start:start + batch_size]
         rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
                                      tokenizer.eos_token_id, tokenizer.pad_token_id, None)
         correct += score(tokenizer, rollout, [a for _, a in batch], 1, checker).sum().item()
+    if world > 1:
+        total = torch.tensor(correct, device=next(model.parameters()).device)
+        dist.all_reduce(total)
+        correct = total.item()
     return correct / len(problems)
 
 
-def reference_values(reference, tokenizer, batch, cache: dict, cfg: Config, rng: torch.Generator) -> torch.Tensor:
-    """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref, then cached."""
+def reference_values(reference, tokenizer, batch, cache: dict, cfg: Config) -> torch.Tensor:
+    """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref, then cached.
+    Each prompt's draws are seeded by the prompt, so V_ref does not depend on when or where it is first needed."""
     new = [(p, a) for p, a in dict(batch).items() if p not in cache]
     if new:
+        noise = torch.cat([sampling_noise(f"{cfg.seed}|reference|{p}", cfg.group_size, cfg.max_new_tokens)
+                           for p, _ in new])
         rollout = sample_groups(reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, rng)
+                                cfg.temperature, noise)
         rewards = score(tokenizer, rollout, [a for _, a in new], cfg.group_size, CHECKERS[cfg.checker],
                         zero_truncated=cfg.truncated == "zero")
         values = soft_value(rewards, cfg.beta_value)
@@ -1200,6 +1230,18 @@ def auto_micro_batch(rollout: Rollout, group_size: int, bytes_per_token: float,
     return max(1, int(budget_bytes // ((prompt_width + completion_width) * bytes_per_token)))
 
 
+class CompletionLogprobs(torch.nn.Module):
+    """`completion_logprobs(policy, ...)` as one module call: the unit DistributedDataParallel wraps
+    under torchrun (the prompt and completion passes of a micro-batch are one forward for it)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, rollout: Rollout, temperature: float):
+        return completion_logprobs(self.policy, rollout, temperature)
+
+
 def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micro_batch: int, loss_of,
                               precision: str = "fp32"):
     """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
@@ -1209,16 +1251,22 @@ def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micr
     groups), so the full-batch gradient is the sum, over micro-batches, of the gradient of the
     full-batch loss in which only that micro-batch's rows carry the graph (the other rows enter as
     constants). No rescaling is needed and only one micro-batch's activations are alive at a time.
+    `policy` may be DistributedDataParallel(CompletionLogprobs(model)) (torchrun): the gradients then
+    accumulate locally and the last micro-batch's backward averages them across processes.
     Returns the full-batch (loss, diagnostics) and the detached (policy_logp, entropy), both (N, T).
     """
     device = rollout.completion_ids.device
     policy_logp, entropy = torch.zeros_like(rollout.behavior_logp), torch.zeros_like(rollout.behavior_logp)
-    for part in micro_batches(rollout, micro_batch):
-        with autocast(device, precision):
-            part_logp, entropy[part] = completion_logprobs(policy, rollout.rows(part), temperature)
-        with_graph = torch.cat([policy_logp[:part.start], part_logp, policy_logp[part.stop:]])
-        loss, _ = loss_of(with_graph)
-        loss.backward()
+    replicated = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
+    logprobs_of = policy if replicated else functools.partial(completion_logprobs, policy)
+    parts = micro_batches(rollout, micro_batch)
+    for index, part in enumerate(parts):
+        with policy.no_sync() if replicated and index < len(parts) - 1 else contextlib.nullcontext():
+            with autocast(device, precision):
+                part_logp, entropy[part] = logprobs_of(rollout.rows(part), temperature)
+            with_graph = torch.cat([policy_logp[:part.start], part_logp, policy_logp[part.stop:]])
+            loss, _ = loss_of(with_graph)
+            loss.backward()
         policy_logp[part] = part_logp.detach()
     loss, diagnostics = loss_of(policy_logp)
     return loss, diagnostics, policy_logp, entropy
@@ -1251,6 +1299,8 @@ class StepResult:
     grad_norm: torch.Tensor    # before clipping
     micro_batch: int           # rows per forward/backward pass
     seconds: dict              # generation (refresh, sampling, A*-PO's V_ref samples), logprobs (pi_ref's), update
+    ref_logp: torch.Tensor | None = None   # A*-PO: (N, T) log pi_ref
+    ref_value: torch.Tensor | None = None  # A*-PO: (groups, 1) V_ref
 
 
 def synchronize(device: torch.device) -> None:
@@ -1266,10 +1316,11 @@ class Learner:
     optimizer: torch.optim.Optimizer
     precision: str                     # fp32, or bf16 autocast
     bytes_per_token: float             # activations kept for backward, per token: sizes --micro-batch 0 (else 0)
+    replicated: torch.nn.Module | None = None  # torchrun: DistributedDataParallel(CompletionLogprobs(policy))
 
 
 def rl_step(cfg: Config, learner: Learner, tokenizer, batch: list[tuple[str, str]], staleness: int,
-            sample_rng: torch.Generator, ref_values: dict) -> StepResult:
+            noise: torch.Tensor, ref_values: dict) -> StepResult:
     """One optimizer step: G completions per prompt from the generator (first refreshed from the policy,
     in place, when staleness is 0), rewards, loss, backward, AdamW."""
     policy, generator, reference, optimizer = learner.policy, learner.generator, learner.reference, learner.optimizer
@@ -1279,9 +1330,8 @@ def rl_step(cfg: Config, learner: Learner, tokenizer, batch: list[tuple[str, str
         refresh_generator(generator, policy)
     with autocast(device, precision):
         rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, sample_rng, staleness)
-        ref_value = None if reference is None else reference_values(reference, tokenizer, batch, ref_values, cfg,
-                                                                    sample_rng)
+                                cfg.temperature, noise, staleness)
+        ref_value = None if reference is None else reference_values(reference, tokenizer, batch, ref_values, cfg)
     rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, CHECKERS[cfg.checker],
                     zero_truncated=cfg.truncated == "zero")  # (groups, G)
     synchronize(device)
@@ -1300,7 +1350,7 @@ def rl_step(cfg: Config, learner: Learner, tokenizer, batch: list[tuple[str, str
 
     optimizer.zero_grad(set_to_none=True)
     loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
-        policy, rollout, cfg.temperature, micro_batch,
+        learner.replicated or policy, rollout, cfg.temperature, micro_batch,
         lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision)
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss.item()}")
@@ -1311,7 +1361,7 @@ def rl_step(cfg: Config, learner: Learner, tokenizer, batch: list[tuple[str, str
     synchronize(device)
     seconds["update"] = time.perf_counter() - tick
     return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, micro_batch,
-                      seconds)
+                      seconds, ref_logp, ref_value)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -1340,9 +1390,10 @@ def peak_memory(device: torch.device) -> dict:
     return record
 
 
-def make_learner(cfg: Config, policy, device: torch.device, precision: str) -> Learner:
+def make_learner(cfg: Config, policy, device: torch.device, precision: str, world: int = 1) -> Learner:
     """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
-    same log-probs), its generator mu and the reference pi_ref (A*-PO only), the optimizer.
+    same log-probs), its generator mu and the reference pi_ref (A*-PO only), the optimizer, and with
+    world > 1 processes (torchrun) the DDP wrapper whose backward averages their gradients.
 
     With bf16 the two copies are stored in bf16: they only sample and score, and autocast rounds the
     weights to bf16 for every matmul anyway (norms and the residual stream also run in bf16 there).
@@ -1359,7 +1410,9 @@ def make_learner(cfg: Config, policy, device: torch.device, precision: str) -> L
                 enable_static_decoding(model)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     bytes_per_token = activation_bytes_per_token(policy, precision) if cfg.micro_batch == 0 else 0.0
-    return Learner(policy, generator, reference, optimizer, precision, bytes_per_token)
+    replicated = None if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        CompletionLogprobs(policy), device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    return Learner(policy, generator, reference, optimizer, precision, bytes_per_token, replicated)
 
 
 def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
@@ -1404,85 +1457,178 @@ def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.devic
     return record
 
 
-def train(cfg: Config, problems: tuple[list, list] | None = None) -> dict:
+# Several processes (torchrun): each trains on its share of every batch, DDP averages the gradients,
+# rank 0 gathers the batch for the metrics and writes every file. One process: Processes().
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)  # a warm start or a grid's slowest cell can take hours
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0         # this process among `world` (torchrun's RANK)
+    world: int = 1        # processes that share each batch (WORLD_SIZE)
+    local_rank: int = 0   # its GPU on its machine (LOCAL_RANK)
+    quiet: bool = False   # no progress bar (the grid's cells on ranks other than 0)
+
+    def share(self, count: int) -> slice:
+        """This process's contiguous share of `count` items (a multiple of world)."""
+        size = count // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+
+def torchrun_processes() -> Processes:
+    """This process's place as torchrun's environment gives it; one process without torchrun."""
+    return Processes(*(int(os.environ.get(name, default)) for name, default in
+                       (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
+
+
+def join_processes(procs: Processes, backend: str) -> None:
+    """Join torchrun's process group (NCCL between GPUs, gloo otherwise); a process's GPU is its local rank."""
+    if procs.world == 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(procs.local_rank)
+    dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
+
+
+@contextlib.contextmanager
+def rank_zero_first(procs: Processes):
+    """Rank 0 runs the block (say, builds and caches the warm start), then the others do (and find it)."""
+    if procs.rank != 0:
+        dist.barrier()
+    yield
+    if procs.rank == 0 and procs.world > 1:
+        dist.barrier()
+
+
+def step_share(cfg: Config, step: int, batch: list, procs: Processes) -> tuple[list, torch.Tensor]:
+    """This process's prompts of the step's global batch and their sampling noise, G rows per prompt:
+    its rows of the same draws as a one-process run, so the step samples the same completions."""
+    noise = sampling_noise(f"{cfg.seed}|{step}", len(batch) * cfg.group_size, cfg.max_new_tokens)
+    mine = procs.share(len(batch))
+    return batch[mine], noise.view(len(batch), cfg.group_size, -1)[mine].flatten(0, 1)
+
+
+def gather_step(cfg: Config, result: StepResult, procs: Processes, pad_id: int) -> StepResult | None:
+    """Every process's share of a step, on rank 0, as the StepResult of the global batch (rows in rank
+    order, as one process orders them; padded to the widest share), its loss and diagnostics computed
+    again on it and the slowest process's timings, so its metrics read as a one-process run's. None
+    on the other ranks."""
+    cpu = lambda tensor: None if tensor is None else tensor.cpu()  # noqa: E731
+    local = (result.rollout.apply(cpu), *map(cpu, (result.rewards, result.policy_logp, result.entropy,
+                                                    result.ref_logp, result.ref_value)), result.seconds)
+    shares = [None] * procs.world if procs.rank == 0 else None
+    dist.gather_object(local, shares, dst=0)
+    if procs.rank != 0:
+        return None
+    rollouts, rewards, policy_logps, entropies, ref_logps, ref_values, seconds = zip(*shares)
+    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
+    width = max(r.completion_ids.shape[1] for r in rollouts)
+    widen = lambda tensors, value=0: torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])  # noqa: E731
+    rollout = Rollout(
+        torch.cat([F.pad(r.prompt_ids, (prompt_width - r.prompt_ids.shape[1], 0), value=pad_id) for r in rollouts]),
+        torch.cat([F.pad(r.prompt_mask, (prompt_width - r.prompt_mask.shape[1], 0)) for r in rollouts]),
+        widen([r.completion_ids for r in rollouts], pad_id), widen([r.completion_mask for r in rollouts]),
+        widen([r.behavior_logp for r in rollouts]), torch.cat([r.truncated for r in rollouts]), result.rollout.staleness)
+    rewards, policy_logp = torch.cat(rewards), widen(policy_logps)
+    ref_logp, ref_value = (None, None) if result.ref_logp is None else (widen(ref_logps), torch.cat(ref_values))
+    with torch.no_grad():
+        loss, diagnostics = compute_loss(cfg, policy_logp, rollout, rewards, ref_logp, ref_value)
+    return StepResult(rollout, rewards, loss, diagnostics, policy_logp, widen(entropies), result.grad_norm.cpu(),
+                      result.micro_batch, {key: max(s[key] for s in seconds) for key in result.seconds},
+                      ref_logp, ref_value)
+
+
+def train(cfg: Config, problems: tuple[list, list] | None = None, procs: Processes = Processes()) -> dict | None:
+    """One run. Under torchrun every process runs this on its share of each batch; rank 0 writes the
+    files and returns the summary, the others return None."""
     device, precision = device_and_precision(cfg)
+    join_processes(procs, "nccl" if device.type == "cuda" else "gloo")
+    writer = procs.rank == 0
     run_dir = run_folder(cfg)
     metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoint.pt")
     train_problems, eval_problems = problems or load_task(cfg)
     if len(train_problems) < cfg.prompts_per_step:
         raise UsageError(f"{len(train_problems)} training problems are fewer than --prompts-per-step "
                          f"{cfg.prompts_per_step}")
-    policy, tokenizer, source = load_model(cfg, train_problems, device)
-    learner = make_learner(cfg, policy, device, precision)
+    with rank_zero_first(procs):  # a warm start is built once and cached; the other processes load it
+        policy, tokenizer, source = load_model(cfg, train_problems, device)
+    learner = make_learner(cfg, policy, device, precision, procs.world)
     generator, optimizer = learner.generator, learner.optimizer
-    prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
+    prompt_rng = random.Random(cfg.seed)  # sampling noise is keyed by (seed, step): see step_share
     ref_values: dict[str, float] = {}
     eval_batch = cfg.prompts_per_step * cfg.group_size  # the rollout's memory footprint
 
     def accuracy() -> float:
         with autocast(device, precision):
-            return evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens, eval_batch, CHECKERS[cfg.checker])
-
-    os.makedirs(run_dir, exist_ok=True)
+            return evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens, eval_batch, CHECKERS[cfg.checker],
+                            procs.rank, procs.world)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(checkpoint_path, {
             "step": step, "policy": policy.state_dict(), "generator": generator.state_dict(),
-            "optimizer": optimizer.state_dict(), "prompt_rng": prompt_rng.getstate(),
-            "sample_rng": sample_rng.get_state(), "ref_values": ref_values, "totals": totals})
+            "optimizer": optimizer.state_dict(), "prompt_rng": prompt_rng.getstate(), "ref_values": ref_values,
+            "totals": totals})
 
     totals = {"seconds": 0.0, "rollout_seconds": 0.0, "rollout_tokens": 0}
-    if cfg.resume:
+    if cfg.resume:  # every process loads the same checkpoint
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         policy.load_state_dict(state["policy"])
         generator.load_state_dict(state["generator"])
         optimizer.load_state_dict(state["optimizer"])
         prompt_rng.setstate(state["prompt_rng"])
-        sample_rng.set_state(state["sample_rng"])
         ref_values, totals, start_step = state["ref_values"], state["totals"], state["step"]
-        kept = [m for m in read_metrics(metrics_path) if m["step"] <= start_step]  # drop steps after it
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-        tqdm.write(f"resuming {run_dir} at step {start_step}")
+        if writer:
+            kept = [m for m in read_metrics(metrics_path) if m["step"] <= start_step]  # drop steps after it
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in kept)
+            os.replace(metrics_path + ".tmp", metrics_path)
+            tqdm.write(f"resuming {run_dir} at step {start_step}")
     else:
         start_step = 0
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "model_source": source, "device": str(device),
-                       "resolved_precision": precision}, f, indent=1)
-        append_metrics(metrics_path, {"step": 0, "eval_accuracy": accuracy()})
-        checkpoint(0)
-    history = read_metrics(metrics_path)
-    evals = [m["eval_accuracy"] for m in history if "eval_accuracy" in m]
-    warm_start_accuracy = evals[0]
+        start_accuracy = accuracy()
+        if writer:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump({**dataclasses.asdict(cfg), "model_source": source, "device": str(device),
+                           "resolved_precision": precision, "processes": procs.world}, f, indent=1)
+            append_metrics(metrics_path, {"step": 0, "eval_accuracy": start_accuracy})
+            checkpoint(0)
+    evals = [m["eval_accuracy"] for m in read_metrics(metrics_path) if "eval_accuracy" in m] if writer else [0.0]
 
     started = time.time() - totals["seconds"]
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run_dir), initial=start_step,
-               total=cfg.steps, dynamic_ncols=True)
+               total=cfg.steps, dynamic_ncols=True, disable=not writer or procs.quiet)
     for step in bar:
         # 1. the generator is refreshed from the policy every `lag` steps (staleness 0), stale in between;
         # 2. it samples, the completions are scored, the policy is updated
         staleness = (step - 1) % cfg.lag
-        batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
+        batch, noise = step_share(cfg, step, prompt_rng.sample(train_problems, cfg.prompts_per_step), procs)
         try:
-            result = rl_step(cfg, learner, tokenizer, batch, staleness, sample_rng, ref_values)
+            result = rl_step(cfg, learner, tokenizer, batch, staleness, noise, ref_values)
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error} at step {step}; the last good checkpoint stays in {checkpoint_path}")
+        if procs.world > 1:
+            result = gather_step(cfg, result, procs, tokenizer.pad_token_id)  # the global batch, on rank 0
+        step_accuracy = accuracy() if step % cfg.eval_every == 0 or step == cfg.steps else None
+        if not writer:
+            continue
         record = step_metrics(cfg, step, result, device)  # 3. diagnostics, on the batch as the policy saw it
         totals["rollout_seconds"] += result.seconds["generation"]
         totals["rollout_tokens"] += int(result.rollout.completion_mask.sum())
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["eval_accuracy"] = accuracy()
-            evals.append(record["eval_accuracy"])
+        if step_accuracy is not None:
+            record["eval_accuracy"] = step_accuracy
+            evals.append(step_accuracy)
         append_metrics(metrics_path, record)
         totals["seconds"] = time.time() - started
-        if "eval_accuracy" in record:
+        if step_accuracy is not None:
             checkpoint(step)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{evals[-1]:.3f}", stale=staleness)
     bar.close()
+    if not writer:
+        return None
 
     summary = {"run": run_dir, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
-               "warm_start_accuracy": warm_start_accuracy, "final_accuracy": evals[-1], "best_accuracy": max(evals),
+               "warm_start_accuracy": evals[0], "final_accuracy": evals[-1], "best_accuracy": max(evals),
                "minutes": totals["seconds"] / 60,
                "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9)}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -1558,11 +1704,20 @@ def cell_label(cell: Config) -> str:
     return f"{cell.loss}{extra}"
 
 
-def run_grid(cfg: Config) -> list[dict]:
-    """Run every unfinished cell in turn, then write compare.md / compare.csv (and plots) under --out."""
+def run_grid(cfg: Config, procs: Processes = Processes()) -> list[dict] | None:
+    """Run every unfinished cell in turn, then write compare.md / compare.csv (and plots) under --out.
+    Under torchrun, process r runs cells r, r + world, ... as one-process runs (on its own GPU), and
+    rank 0 writes the tables when every process is done (the others return None)."""
     cells = grid_cells(cfg)
     problems = load_task(cfg)  # the same data for every cell
-    for cell in tqdm(cells, desc="grid", dynamic_ncols=True):
+    join_processes(procs, "gloo")  # the processes only wait for each other
+    if procs.world > 1:  # each warm start is built once, by rank 0, before the cells that load it
+        with rank_zero_first(procs):
+            if procs.rank == 0:
+                for cell in {cell.warm_start_steps: cell for cell in cells}.values():
+                    load_model(cell, problems[0], device_and_precision(cell)[0])
+    cell_processes = Processes(local_rank=procs.local_rank, quiet=procs.rank != 0)
+    for cell in tqdm(cells[procs.rank::procs.world], desc="grid", dynamic_ncols=True, disable=procs.rank != 0):
         folder = run_folder(cell)
         summary_path = os.path.join(folder, "summary.json")
         if os.path.exists(summary_path):
@@ -1571,7 +1726,11 @@ def run_grid(cfg: Config) -> list[dict]:
                     continue  # finished: never rerun
         resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
         torch._dynamo.reset()  # --compile: drop the previous cell's compiled decode steps (and their models)
-        train(dataclasses.replace(cell, resume=resume), problems)
+        train(dataclasses.replace(cell, resume=resume), problems, cell_processes)
+    if procs.world > 1:
+        dist.barrier()
+    if procs.rank != 0:
+        return None
     runs = grouped_runs(cells)
     rows = grid_table(runs)
     os.makedirs(cfg.out, exist_ok=True)
@@ -1778,14 +1937,14 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
     else:
         policy, tokenizer, source = load_model(dataclasses.replace(cfg, warm_start_steps=0), train_problems, device)
     learner = make_learner(cfg, policy, device, precision)
-    prompt_rng, sample_rng = random.Random(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed)
+    prompt_rng = random.Random(cfg.seed)
     timed = {"generation": 0.0, "logprobs": 0.0, "update": 0.0, "generated_tokens": 0, "trained_tokens": 0,
              "micro_batch": 0}
     matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     matmul_before = matmul_flops_per_second(device, matmul_dtype)  # measured before and after the steps:
     for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
-        batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
-        result = rl_step(cfg, learner, tokenizer, batch, step % cfg.lag, sample_rng, {})
+        batch, noise = step_share(cfg, step, prompt_rng.sample(train_problems, cfg.prompts_per_step), Processes())
+        result = rl_step(cfg, learner, tokenizer, batch, step % cfg.lag, noise, {})
         if step == 0:
             continue  # warm-up: allocator, kernels, first-call overheads
         timed["generation"] += result.seconds["generation"]
@@ -1863,21 +2022,25 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    procs = torchrun_processes()  # one process without torchrun
     try:
         cfg = parse_config(argv)
-        check_config(cfg)
+        check_config(cfg, procs.world)
         if cfg.bench:
             report = benchmark(cfg, load_task(cfg))
             print(format_bench(report))
             print(f"written: {report['path']}")
             return 0
         if cfg.compare:
-            print(format_grid_table(run_grid(cfg)))
-            print(f"tables: {os.path.join(cfg.out, 'compare.md')}, {os.path.join(cfg.out, 'compare.csv')}")
+            rows = run_grid(cfg, procs)
+            if rows is not None:
+                print(format_grid_table(rows))
+                print(f"tables: {os.path.join(cfg.out, 'compare.md')}, {os.path.join(cfg.out, 'compare.csv')}")
             return 0
-        summary = train(cfg, load_task(cfg))  # a bad data file stops here, before any model is loaded
+        summary = train(cfg, load_task(cfg), procs)  # a bad data file stops here, before any model is loaded
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if procs.rank == 0:  # every process finds the same error: one line
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
@@ -1892,6 +2055,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
               file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if summary is None:  # torchrun: rank 0 prints
+        return 0
     print(format_summary(summary))
     print(f"metrics: {os.path.join(summary['run'], 'metrics.jsonl')}")
     return 0

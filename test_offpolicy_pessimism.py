@@ -197,10 +197,15 @@ def tiny():
     return model.eval(), tokenizer
 
 
+def noise(rows: int, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
+    """Sampling uniforms for `rows` completions of at most max_new_tokens."""
+    return op.sampling_noise(f"test|{seed}", rows, max_new_tokens)
+
+
 def test_behavior_logprobs_equal_the_policy_at_staleness_zero(tiny):
     model, tokenizer = tiny
     prompts = ["7+3=", "45+21=", "99+29=", "0+0="]  # different lengths: left padding is exercised
-    rollout = op.sample_groups(model, tokenizer, prompts, 4, 6, 0.7, torch.Generator().manual_seed(0))
+    rollout = op.sample_groups(model, tokenizer, prompts, 4, 6, 0.7, noise(16, 6))
     policy_logp, _ = op.completion_logprobs(model, rollout, 0.7)
     assert rollout.prompt_mask.sum(-1).unique().numel() > 1
     difference = (policy_logp.detach() - rollout.behavior_logp)[rollout.completion_mask]
@@ -211,7 +216,7 @@ def test_masks_come_from_the_first_eos_even_when_pad_equals_eos(tiny):
     model, tokenizer = tiny
     eos = tokenizer.eos_token_id
     prompt_ids = op.encode_prompts(tokenizer, ["12+3="] * 64)
-    rollout = op.sample_completions(model, prompt_ids, 8, 3.0, eos, eos, torch.Generator().manual_seed(1))
+    rollout = op.sample_completions(model, prompt_ids, 8, 3.0, eos, eos, noise(64, 8, 1))
     ended = 0
     for tokens, mask, logp in zip(rollout.completion_ids.tolist(), rollout.completion_mask, rollout.behavior_logp):
         length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
@@ -631,7 +636,7 @@ def test_chat_model_behavior_logprobs_equal_the_policy_at_staleness_zero(style, 
     model, tokenizer = op.load_pretrained(save_chat_model(style, tmp_path))
     model.eval()
     prompts = ["What is 1 plus 2?", "Hi", "A much longer question about numbers?"]
-    rollout = op.sample_groups(model, tokenizer, prompts, 2, 6, 1.0, torch.Generator().manual_seed(0))
+    rollout = op.sample_groups(model, tokenizer, prompts, 2, 6, 1.0, noise(6, 6))
     policy_logp, _ = op.completion_logprobs(model, rollout, 1.0)
     assert rollout.prompt_mask.sum(-1).unique().numel() == 3  # left padding with three lengths
     assert (policy_logp.detach() - rollout.behavior_logp)[rollout.completion_mask].abs().max() < 1e-5
@@ -641,7 +646,8 @@ def perturbed_batch(tiny, rows_per_prompt=4):
     """A rollout from the tiny model and a policy moved away from it, so ratios differ from 1."""
     model, tokenizer = tiny
     prompts = ["7+3=", "45+21=", "99+29="]
-    rollout = op.sample_groups(model, tokenizer, prompts, rows_per_prompt, 6, 1.0, torch.Generator().manual_seed(3))
+    rollout = op.sample_groups(model, tokenizer, prompts, rows_per_prompt, 6, 1.0,
+                                noise(3 * rows_per_prompt, 6, 3))
     policy = op.build_tiny_model(tokenizer, seed=0)
     policy.load_state_dict(model.state_dict())
     torch.manual_seed(5)
@@ -690,7 +696,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny):
 
 def test_truncated_completions_get_zero_reward_or_no_gradient(tiny):
     model, tokenizer = tiny
-    rollout = op.sample_groups(model, tokenizer, ["12+3="], 16, 2, 3.0, torch.Generator().manual_seed(1))
+    rollout = op.sample_groups(model, tokenizer, ["12+3="], 16, 2, 3.0, noise(16, 2))
     assert 0 < int(rollout.truncated.sum()) < 16
     always_right = lambda completion, answer: 1.0  # noqa: E731
     kept = op.score(tokenizer, rollout, ["15"], 16, always_right)
@@ -797,7 +803,7 @@ def test_shared_prompt_chunked_logprobs_equal_the_plain_log_softmax(style, tiny,
         model, tokenizer = op.load_pretrained(save_chat_model(style, tmp_path))
         prompts = ["What is 1 plus 2?", "Hi", "A much longer question about numbers?"]
     model.eval()
-    rollout = op.sample_groups(model, tokenizer, prompts, 4, 6, 2.0, torch.Generator().manual_seed(0))
+    rollout = op.sample_groups(model, tokenizer, prompts, 4, 6, 2.0, noise(12, 6))
     rollout.prompt_ids = torch.cat([torch.full_like(rollout.prompt_ids[:, :2], tokenizer.pad_token_id),
                                     rollout.prompt_ids], dim=1)  # two columns of padding in every row
     rollout.prompt_mask = torch.cat([torch.zeros_like(rollout.prompt_mask[:, :2]), rollout.prompt_mask], dim=1)
@@ -818,7 +824,7 @@ def test_shared_prompt_chunked_logprobs_equal_the_plain_log_softmax(style, tiny,
 
 def test_inverse_cdf_sampling_draws_from_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.2, 0.0]).repeat(4000, 1)
-    draws = op.sample_token(probs.log(), torch.Generator().manual_seed(0))
+    draws = op.sample_token(probs.log(), noise(4000, 1)[:, 0])
     counts = torch.bincount(draws, minlength=4).double() / draws.numel()
     assert counts[3] == 0  # a zero-probability token is never drawn
     assert torch.allclose(counts[:3], torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.02)
@@ -893,9 +899,9 @@ def test_static_cache_sampler_draws_the_eager_tokens_and_log_probs(style, tiny, 
     fast, counter = static_decoding_copy(model)
     for temperature, max_new_tokens in [(1.0, 6), (4.0, 60), (0.0, 5)]:
         eager = op.sample_groups(model, tokenizer, prompts, 4, max_new_tokens, temperature,
-                                 torch.Generator().manual_seed(0))
+                                 noise(4 * len(prompts), max_new_tokens))
         static = op.sample_groups(fast, tokenizer, prompts, 4, max_new_tokens, temperature,
-                                  torch.Generator().manual_seed(0))
+                                  noise(4 * len(prompts), max_new_tokens))
         assert eager.prompt_mask.sum(-1).unique().numel() > 1  # prompts of different lengths in one batch
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
             assert torch.equal(getattr(eager, name), getattr(static, name)), name
@@ -909,7 +915,7 @@ def test_static_cache_sampler_draws_the_eager_tokens_and_log_probs(style, tiny, 
 def test_all_completions_ending_early_stop_the_static_sampler_too(tiny):
     model, tokenizer = tiny
     fast, _ = static_decoding_copy(model)
-    eager, static = (op.sample_groups(m, tokenizer, ["7+3=", "1+1="], 16, 100, 4.0, torch.Generator().manual_seed(2))
+    eager, static = (op.sample_groups(m, tokenizer, ["7+3=", "1+1="], 16, 100, 4.0, noise(32, 100, 2))
                      for m in (model, fast))
     assert static.completion_ids.shape[1] < 100 and not static.truncated.any()  # the loop stopped when all ended
     assert torch.equal(eager.completion_ids, static.completion_ids)
@@ -920,11 +926,11 @@ def test_all_completions_ending_early_stop_the_static_sampler_too(tiny):
 def test_a_new_batch_with_other_prompt_lengths_does_not_recompile(tiny):
     model, tokenizer = tiny
     fast, counter = static_decoding_copy(model)
-    op.sample_groups(fast, tokenizer, ["7+3=", "45+21="], 4, 6, 1.0, torch.Generator().manual_seed(0))
+    op.sample_groups(fast, tokenizer, ["7+3=", "45+21="], 4, 6, 1.0, noise(8, 6))
     compiled = counter.frame_count
     assert compiled >= 1
     for prompts, max_new_tokens in [(["1+1=", "9+2="], 6), (["99+29=", "10+10="], 9), (["3+3=", "1+22="], 6)]:
-        op.sample_groups(fast, tokenizer, prompts, 4, max_new_tokens, 1.0, torch.Generator().manual_seed(1))
+        op.sample_groups(fast, tokenizer, prompts, 4, max_new_tokens, 1.0, noise(8, max_new_tokens, 1))
     assert counter.frame_count == compiled  # other prompt widths and token caps fall in the same length bucket
     assert len(fast.static_decoding.caches) == 1  # and reuse one preallocated cache
 
