@@ -1106,3 +1106,138 @@ def test_mean_term_diagnostics_are_logged_and_finite(loss, tmp_path):
             assert m["loss_centred"] + m["loss_mean_term"] == pytest.approx(m["loss"], rel=1e-4, abs=1e-6)
     if loss == "shifted":
         assert all(m["mean_term_target"] == pytest.approx(1.0) for m in steps)  # shift * beta / beta
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: torchrun with gloo on the CPU, 2 processes of one thread each
+# ---------------------------------------------------------------------------------------------
+TIMINGS = {"rollout_seconds", "update_seconds", "rollout_tokens_per_s", "update_tokens_per_s", "peak_rss_gb",
+           "micro_batch"}  # micro_batch: rows per pass in each process
+DDP_RUN = ["--prompts-per-step", "8", "--group-size", "4", "--eval-size", "40", "--eval-every", "2",
+           "--warm-start-steps", "120", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def ddp_warm_out(tmp_path_factory):
+    """An --out folder with a cached 120-step warm start (about 7% accuracy: some rewards are 1)."""
+    out = tmp_path_factory.mktemp("ddp_warm")
+    op.load_model(op.parse_config(["--out", str(out), *DDP_RUN]), op.arithmetic_problems(40)[0], torch.device("cpu"))
+    return out
+
+
+def torchrun(*args, processes=2):
+    """The script under `torchrun --standalone --nproc_per_node N` (one thread per process)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               os.path.join(HERE, "offpolicy_pessimism.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def comparable_metrics(out):
+    return [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics_of(out)]
+
+
+def assert_close_metrics(got, expected):
+    """The same lines with the same keys, every number equal to float round-off."""
+    assert [sorted(m) for m in got] == [sorted(m) for m in expected]
+    for got_line, expected_line in zip(got, expected):
+        assert got_line == pytest.approx(expected_line, rel=1e-5, abs=1e-6)
+
+
+def one_thread_main(argv):
+    """op.main in this process with one thread, as each torchrun process runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return op.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def first_step_gradient(rank, world, port, out, path):
+    """One RL step in process `rank` of `world`; rank 0 saves the gradient that AdamW then applied."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    procs = op.torchrun_processes()
+    op.join_processes(procs, "gloo")
+    cfg = op.parse_config(["--out", out, *DDP_RUN, "--grad-clip", "1e9", "--compile", "off"])  # no clipping
+    train_problems = op.arithmetic_problems(40)[0]
+    policy, tokenizer, _ = op.load_model(cfg, train_problems, torch.device("cpu"))  # the cached warm start
+    learner = op.make_learner(cfg, policy, torch.device("cpu"), "fp32", procs.world)
+    batch, noise = op.step_share(cfg, 1, op.random.Random(cfg.seed).sample(train_problems, 8), procs)
+    result = op.rl_step(cfg, learner, tokenizer, batch, 0, noise, {})
+    if rank == 0:
+        torch.save({"gradient": [p.grad for p in policy.parameters()], "rewards": result.rewards}, path)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_compute_the_one_process_gradient(ddp_warm_out, tmp_path):
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(first_step_gradient, (2, port, str(ddp_warm_out), str(tmp_path / "two.pt")), nprocs=2)
+    first_step_gradient(0, 1, port, str(ddp_warm_out), str(tmp_path / "one.pt"))
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert one["rewards"].shape == (8, 4) and two["rewards"].shape == (4, 4)  # rank 0 sampled half the prompts
+    assert torch.equal(two["rewards"], one["rewards"][:4])                    # ... and drew the same completions
+    assert 0 < one["rewards"].mean() < 1
+    assert sum(g.abs().sum() for g in one["gradient"]) > 0
+    for averaged, full in zip(two["gradient"], one["gradient"]):
+        assert (averaged - full).abs().max() < 1e-5
+
+
+def test_two_processes_write_the_metrics_of_one_process(ddp_warm_out, tmp_path):
+    one, two = fresh_out(ddp_warm_out, tmp_path, "one"), fresh_out(ddp_warm_out, tmp_path, "two")
+    assert one_thread_main(["--out", str(one), *DDP_RUN, "--steps", "2"]) == 0
+    done = torchrun("--out", two, *DDP_RUN, "--steps", "2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("final accuracy") == 1  # rank 0 prints the summary
+    first, second = comparable_metrics(one), comparable_metrics(two)
+    assert [m["step"] for m in second] == [0, 1, 2] and "eval_accuracy" in second[2]
+    assert second[0] == first[0]  # the warm start's accuracy
+    for batch in ("reward_mean", "completion_length", "truncated_fraction", "equal_reward_groups"):
+        assert [m[batch] for m in second[1:]] == [m[batch] for m in first[1:]]  # the same completions
+    assert_close_metrics(second, first)  # the rest to float round-off
+    assert json.load(open(os.path.join(op.run_folder(op.parse_config(["--out", str(two), *DDP_RUN])),
+                                       "config.json")))["processes"] == 2
+
+
+def test_two_processes_resume_a_run(ddp_warm_out, tmp_path):
+    straight, resumed = fresh_out(ddp_warm_out, tmp_path, "straight"), fresh_out(ddp_warm_out, tmp_path, "resumed")
+    assert one_thread_main(["--out", str(straight), *DDP_RUN, "--steps", "4"]) == 0
+    assert torchrun("--out", resumed, *DDP_RUN, "--steps", "2").returncode == 0
+    done = torchrun("--out", resumed, *DDP_RUN, "--steps", "4", "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "at step 2" in done.stdout and done.stdout.count("resuming") == 1  # rank 0 says so
+    assert_close_metrics(comparable_metrics(resumed), comparable_metrics(straight))
+
+
+def test_a_batch_that_does_not_split_across_processes_stops_with_one_line(tmp_path):
+    done = torchrun("--out", tmp_path, "--prompts-per-step", "3")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--prompts-per-step 3 does not split across 2 processes" in errors[0]
+    assert os.listdir(tmp_path) == []  # before any work: no warm start, no run folder
+    with pytest.raises(op.UsageError, match="--bench times one process"):
+        op.check_config(op.parse_config(["--bench", "1"]), world=2)
+
+
+def test_a_grid_on_two_processes_writes_the_one_process_table(ddp_warm_out, tmp_path):
+    grid = ["--compare", "--losses", "pmd,shifted", "--lags", "1,2", "--seeds", "1", *DDP_RUN, "--steps", "2",
+            "--prompts-per-step", "4"]
+    one, two = fresh_out(ddp_warm_out, tmp_path, "one"), fresh_out(ddp_warm_out, tmp_path, "two")
+    assert one_thread_main(["--out", str(one), *grid]) == 0
+    done = torchrun("--out", two, *grid)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("| shifted shift=1 | 2 |") == 1  # rank 0 prints the table once
+
+    def table(out):  # every column but the minutes
+        with open(out / "compare.csv") as f:
+            return [line.rsplit(",", 1)[0] for line in f]
+
+    assert len(table(two)) == 5 and table(two) == table(one)
+    assert len([d for d in os.listdir(two) if "_lag" in d]) == 4
