@@ -29,8 +29,9 @@ Run `python offpolicy_pessimism.py` for the offline default: a built-in 2-digit 
 tiny character-level Llama that the script builds and warm-starts itself (cached under `--out`).
 `--model NAME_OR_PATH` loads any Hugging Face causal LM instead, `--task gsm8k|math|jsonl --data
 FILE.jsonl` a real math data set, `--compare` runs a grid of losses x lags, and `--bench N` times N
-RL steps. Left out on purpose: distributed training, vLLM, KL-to-reference penalties,
-learning-rate schedules.
+RL steps. Under `torchrun --nproc-per-node N` a run splits each batch across N processes (DDP)
+and a grid runs N cells at a time (README, "More than one GPU"). Left out on purpose: vLLM,
+KL-to-reference penalties, learning-rate schedules.
 """
 
 from __future__ import annotations
@@ -1288,6 +1289,14 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def drop_metrics_after(path: str, step: int) -> None:
+    """Resume: the lines of steps after the checkpoint's are dropped (rewritten, then renamed)."""
+    kept = [m for m in read_metrics(path) if m["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in kept)
+    os.replace(path + ".tmp", path)
+
+
 @dataclass
 class StepResult:
     rollout: Rollout
@@ -1490,6 +1499,25 @@ def join_processes(procs: Processes, backend: str) -> None:
     dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
 
 
+def check_config_on_every_process(cfg: Config, procs: Processes) -> None:
+    """check_config; under torchrun every process then joins the process group and they share what
+    they found, so a bad setting stops them all and rank 0 reports it (torchrun stops the other
+    processes as soon as one exits, so each must know before any leaves)."""
+    if procs.world == 1:
+        return check_config(cfg)
+    try:
+        check_config(cfg, procs.world)
+        error = None
+    except UsageError as found:
+        error = str(found)
+    device = device_and_precision(cfg)[0]  # a grid's processes only wait for each other: gloo
+    join_processes(procs, "nccl" if device.type == "cuda" and not cfg.compare else "gloo")
+    errors = [None] * procs.world
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        raise UsageError(next(e for e in errors if e))
+
+
 @contextlib.contextmanager
 def rank_zero_first(procs: Processes):
     """Rank 0 runs the block (say, builds and caches the warm start), then the others do (and find it)."""
@@ -1508,6 +1536,13 @@ def step_share(cfg: Config, step: int, batch: list, procs: Processes) -> tuple[l
     return batch[mine], noise.view(len(batch), cfg.group_size, -1)[mine].flatten(0, 1)
 
 
+def stack_rows(tensors: list[torch.Tensor], value=0, left: bool = False) -> torch.Tensor:
+    """Blocks of rows with different widths as one tensor, padded with `value` on the right (or left)."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value)
+                      for t in tensors])
+
+
 def gather_step(cfg: Config, result: StepResult, procs: Processes, pad_id: int) -> StepResult | None:
     """Every process's share of a step, on rank 0, as the StepResult of the global batch (rows in rank
     order, as one process orders them; padded to the widest share), its loss and diagnostics computed
@@ -1521,28 +1556,23 @@ def gather_step(cfg: Config, result: StepResult, procs: Processes, pad_id: int) 
     if procs.rank != 0:
         return None
     rollouts, rewards, policy_logps, entropies, ref_logps, ref_values, seconds = zip(*shares)
-    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
-    width = max(r.completion_ids.shape[1] for r in rollouts)
-    widen = lambda tensors, value=0: torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])  # noqa: E731
-    rollout = Rollout(
-        torch.cat([F.pad(r.prompt_ids, (prompt_width - r.prompt_ids.shape[1], 0), value=pad_id) for r in rollouts]),
-        torch.cat([F.pad(r.prompt_mask, (prompt_width - r.prompt_mask.shape[1], 0)) for r in rollouts]),
-        widen([r.completion_ids for r in rollouts], pad_id), widen([r.completion_mask for r in rollouts]),
-        widen([r.behavior_logp for r in rollouts]), torch.cat([r.truncated for r in rollouts]), result.rollout.staleness)
-    rewards, policy_logp = torch.cat(rewards), widen(policy_logps)
-    ref_logp, ref_value = (None, None) if result.ref_logp is None else (widen(ref_logps), torch.cat(ref_values))
+    each = lambda name: [getattr(r, name) for r in rollouts]  # noqa: E731
+    rollout = Rollout(stack_rows(each("prompt_ids"), pad_id, left=True), stack_rows(each("prompt_mask"), left=True),
+                      stack_rows(each("completion_ids"), pad_id), stack_rows(each("completion_mask")),
+                      stack_rows(each("behavior_logp")), torch.cat(each("truncated")), result.rollout.staleness)
+    rewards, policy_logp = torch.cat(rewards), stack_rows(policy_logps)
+    ref_logp, ref_value = (None, None) if result.ref_logp is None else (stack_rows(ref_logps), torch.cat(ref_values))
     with torch.no_grad():
         loss, diagnostics = compute_loss(cfg, policy_logp, rollout, rewards, ref_logp, ref_value)
-    return StepResult(rollout, rewards, loss, diagnostics, policy_logp, widen(entropies), result.grad_norm.cpu(),
+    return StepResult(rollout, rewards, loss, diagnostics, policy_logp, stack_rows(entropies), result.grad_norm.cpu(),
                       result.micro_batch, {key: max(s[key] for s in seconds) for key in result.seconds},
                       ref_logp, ref_value)
 
 
 def train(cfg: Config, problems: tuple[list, list] | None = None, procs: Processes = Processes()) -> dict | None:
-    """One run. Under torchrun every process runs this on its share of each batch; rank 0 writes the
-    files and returns the summary, the others return None."""
+    """One run. Under torchrun every process runs this on its share of each batch, in the process
+    group that `main` joined; rank 0 writes the files and returns the summary, the others None."""
     device, precision = device_and_precision(cfg)
-    join_processes(procs, "nccl" if device.type == "cuda" else "gloo")
     writer = procs.rank == 0
     run_dir = run_folder(cfg)
     metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoint.pt")
@@ -1578,10 +1608,7 @@ def train(cfg: Config, problems: tuple[list, list] | None = None, procs: Process
         prompt_rng.setstate(state["prompt_rng"])
         ref_values, totals, start_step = state["ref_values"], state["totals"], state["step"]
         if writer:
-            kept = [m for m in read_metrics(metrics_path) if m["step"] <= start_step]  # drop steps after it
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(m) + "\n" for m in kept)
-            os.replace(metrics_path + ".tmp", metrics_path)
+            drop_metrics_after(metrics_path, start_step)
             tqdm.write(f"resuming {run_dir} at step {start_step}")
     else:
         start_step = 0
@@ -1593,7 +1620,7 @@ def train(cfg: Config, problems: tuple[list, list] | None = None, procs: Process
                            "resolved_precision": precision, "processes": procs.world}, f, indent=1)
             append_metrics(metrics_path, {"step": 0, "eval_accuracy": start_accuracy})
             checkpoint(0)
-    evals = [m["eval_accuracy"] for m in read_metrics(metrics_path) if "eval_accuracy" in m] if writer else [0.0]
+    evals = [m["eval_accuracy"] for m in read_metrics(metrics_path) if "eval_accuracy" in m] if writer else []
 
     started = time.time() - totals["seconds"]
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run_dir), initial=start_step,
@@ -1710,7 +1737,6 @@ def run_grid(cfg: Config, procs: Processes = Processes()) -> list[dict] | None:
     rank 0 writes the tables when every process is done (the others return None)."""
     cells = grid_cells(cfg)
     problems = load_task(cfg)  # the same data for every cell
-    join_processes(procs, "gloo")  # the processes only wait for each other
     if procs.world > 1:  # each warm start is built once, by rank 0, before the cells that load it
         with rank_zero_first(procs):
             if procs.rank == 0:
@@ -2025,7 +2051,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = torchrun_processes()  # one process without torchrun
     try:
         cfg = parse_config(argv)
-        check_config(cfg, procs.world)
+        check_config_on_every_process(cfg, procs)  # under torchrun: then joins the process group
         if cfg.bench:
             report = benchmark(cfg, load_task(cfg))
             print(format_bench(report))
@@ -2039,11 +2065,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         summary = train(cfg, load_task(cfg), procs)  # a bad data file stops here, before any model is loaded
     except UsageError as error:
-        if procs.rank == 0:  # every process finds the same error: one line
+        if procs.rank == 0:  # every process has the same error: one line
             print(f"error: {error}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.barrier()  # none leaves before rank 0 has printed
         return 2
     except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
+        if procs.rank == 0:  # the gradients are averaged: every process sees it
+            print(f"error: {error}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
         print(f"error: out of GPU memory; lower --micro-batch (the update's rows per pass; 0 sizes it for "
@@ -2052,8 +2081,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        if procs.rank == 0:
+            print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
+                  file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():

@@ -1206,14 +1206,15 @@ def test_two_processes_write_the_metrics_of_one_process(ddp_warm_out, tmp_path):
                                        "config.json")))["processes"] == 2
 
 
-def test_two_processes_resume_a_run(ddp_warm_out, tmp_path):
+def test_two_processes_resume_a_run_and_one_process_resumes_theirs(ddp_warm_out, tmp_path):
     straight, resumed = fresh_out(ddp_warm_out, tmp_path, "straight"), fresh_out(ddp_warm_out, tmp_path, "resumed")
-    assert one_thread_main(["--out", str(straight), *DDP_RUN, "--steps", "4"]) == 0
+    assert one_thread_main(["--out", str(straight), *DDP_RUN, "--steps", "6"]) == 0
     assert torchrun("--out", resumed, *DDP_RUN, "--steps", "2").returncode == 0
     done = torchrun("--out", resumed, *DDP_RUN, "--steps", "4", "--resume")
     assert done.returncode == 0, done.stderr
     assert "at step 2" in done.stdout and done.stdout.count("resuming") == 1  # rank 0 says so
-    assert_close_metrics(comparable_metrics(resumed), comparable_metrics(straight))
+    assert one_thread_main(["--out", str(resumed), *DDP_RUN, "--steps", "6", "--resume"]) == 0  # a checkpoint
+    assert_close_metrics(comparable_metrics(resumed), comparable_metrics(straight))  # holds nothing per process
 
 
 def test_a_batch_that_does_not_split_across_processes_stops_with_one_line(tmp_path):
