@@ -1156,11 +1156,12 @@ def one_thread_main(argv):
 
 def first_step_gradient(rank, world, port, out, path):
     """One RL step in process `rank` of `world`; rank 0 saves the gradient that AdamW then applied."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    procs = op.Processes(rank, world, rank)
+    if world > 1:  # a spawned process: what torchrun would set
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        op.join_processes(procs, "gloo")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    procs = op.torchrun_processes()
-    op.join_processes(procs, "gloo")
     cfg = op.parse_config(["--out", out, *DDP_RUN, "--grad-clip", "1e9", "--compile", "off"])  # no clipping
     train_problems = op.arithmetic_problems(40)[0]
     policy, tokenizer, _ = op.load_model(cfg, train_problems, torch.device("cpu"))  # the cached warm start
@@ -1171,6 +1172,7 @@ def first_step_gradient(rank, world, port, out, path):
         torch.save({"gradient": [p.grad for p in policy.parameters()], "rewards": result.rewards}, path)
     if world > 1:
         torch.distributed.destroy_process_group()
+    torch.set_num_threads(threads)
 
 
 def test_two_processes_compute_the_one_process_gradient(ddp_warm_out, tmp_path):
