@@ -1737,12 +1737,12 @@ def run_grid(cfg: Config, procs: Processes = Processes()) -> list[dict] | None:
     rank 0 writes the tables when every process is done (the others return None)."""
     cells = grid_cells(cfg)
     problems = load_task(cfg)  # the same data for every cell
-    if procs.world > 1:  # each warm start is built once, by rank 0, before the cells that load it
-        with rank_zero_first(procs):
-            if procs.rank == 0:
-                for cell in {cell.warm_start_steps: cell for cell in cells}.values():
-                    load_model(cell, problems[0], device_and_precision(cell)[0])
-    cell_processes = Processes(local_rank=procs.local_rank, quiet=procs.rank != 0)
+    if procs.world > 1:  # each warm start is built once, by rank 0, before any cell loads it
+        if procs.rank == 0:
+            for cell in {cell.warm_start_steps: cell for cell in cells}.values():
+                load_model(cell, problems[0], device_and_precision(cell)[0])
+        dist.barrier()
+    cell_processes = Processes(quiet=procs.rank != 0)  # a cell is a one-process run (on this process's GPU)
     for cell in tqdm(cells[procs.rank::procs.world], desc="grid", dynamic_ncols=True, disable=procs.rank != 0):
         folder = run_folder(cell)
         summary_path = os.path.join(folder, "summary.json")
