@@ -356,6 +356,14 @@ def metrics_of(out):
     return op.read_metrics(os.path.join(out, run, "metrics.jsonl"))
 
 
+TIMINGS = {"rollout_seconds", "update_seconds", "rollout_tokens_per_s", "update_tokens_per_s", "peak_rss_gb"}
+
+
+def comparable_metrics(out, ignored=TIMINGS):
+    """The run's metrics lines without the fields that differ from run to run (timings)."""
+    return [{k: v for k, v in m.items() if k not in ignored} for m in metrics_of(out)]
+
+
 @pytest.mark.parametrize("loss", op.LOSSES)
 def test_every_loss_runs_end_to_end(loss, warm_out, tmp_path, capsys):
     out = fresh_out(warm_out, tmp_path)
@@ -389,10 +397,6 @@ def test_generator_is_refreshed_every_lag_steps(warm_out, tmp_path):
 
 
 def test_resume_after_an_interruption_gives_the_same_metrics(warm_out, tmp_path):
-    def comparable(metrics):
-        timing = {"rollout_seconds", "update_seconds", "rollout_tokens_per_s", "update_tokens_per_s", "peak_rss_gb"}
-        return [{k: v for k, v in m.items() if k not in timing} for m in metrics]
-
     args = [*TINY, "--lag", "2", "--lr", "1e-3"]  # evaluates and checkpoints every 3 steps
     straight = fresh_out(warm_out, tmp_path, "straight")
     assert op.main(["--out", str(straight), *args, "--steps", "6"]) == 0
@@ -403,7 +407,7 @@ def test_resume_after_an_interruption_gives_the_same_metrics(warm_out, tmp_path)
     with open(metrics_path, "a") as f:  # a step written after the checkpoint, as if killed mid-run
         f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
     assert op.main(["--out", str(interrupted), *args, "--steps", "6", "--resume"]) == 0
-    assert comparable(metrics_of(interrupted)) == comparable(metrics_of(straight))
+    assert comparable_metrics(interrupted) == comparable_metrics(straight)
 
 
 def test_model_flag_loads_a_saved_model_and_tokenizer(tiny, tmp_path):
@@ -1111,8 +1115,7 @@ def test_mean_term_diagnostics_are_logged_and_finite(loss, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Several processes: torchrun with gloo on the CPU, 2 processes of one thread each
 # ---------------------------------------------------------------------------------------------
-TIMINGS = {"rollout_seconds", "update_seconds", "rollout_tokens_per_s", "update_tokens_per_s", "peak_rss_gb",
-           "micro_batch"}  # micro_batch: rows per pass in each process
+PER_PROCESS = TIMINGS | {"micro_batch"}  # micro_batch: rows per pass in each process
 DDP_RUN = ["--prompts-per-step", "8", "--group-size", "4", "--eval-size", "40", "--eval-every", "2",
            "--warm-start-steps", "120", "--lr", "1e-3"]
 
@@ -1131,10 +1134,6 @@ def torchrun(*args, processes=2):
                os.path.join(HERE, "offpolicy_pessimism.py"), *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def comparable_metrics(out):
-    return [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics_of(out)]
 
 
 def assert_close_metrics(got, expected):
@@ -1198,7 +1197,7 @@ def test_two_processes_write_the_metrics_of_one_process(ddp_warm_out, tmp_path):
     done = torchrun("--out", two, *DDP_RUN, "--steps", "2")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("final accuracy") == 1  # rank 0 prints the summary
-    first, second = comparable_metrics(one), comparable_metrics(two)
+    first, second = comparable_metrics(one, PER_PROCESS), comparable_metrics(two, PER_PROCESS)
     assert [m["step"] for m in second] == [0, 1, 2] and "eval_accuracy" in second[2]
     assert second[0] == first[0]  # the warm start's accuracy
     for batch in ("reward_mean", "completion_length", "truncated_fraction", "equal_reward_groups"):
@@ -1215,8 +1214,9 @@ def test_two_processes_resume_a_run_and_one_process_resumes_theirs(ddp_warm_out,
     done = torchrun("--out", resumed, *DDP_RUN, "--steps", "4", "--resume")
     assert done.returncode == 0, done.stderr
     assert "at step 2" in done.stdout and done.stdout.count("resuming") == 1  # rank 0 says so
-    assert one_thread_main(["--out", str(resumed), *DDP_RUN, "--steps", "6", "--resume"]) == 0  # a checkpoint
-    assert_close_metrics(comparable_metrics(resumed), comparable_metrics(straight))  # holds nothing per process
+    assert one_thread_main(["--out", str(resumed), *DDP_RUN, "--steps", "6", "--resume"]) == 0
+    # a checkpoint holds nothing per process:
+    assert_close_metrics(comparable_metrics(resumed, PER_PROCESS), comparable_metrics(straight, PER_PROCESS))
 
 
 def test_a_batch_that_does_not_split_across_processes_stops_with_one_line(tmp_path):
