@@ -1490,11 +1490,12 @@ def torchrun_processes() -> Processes:
                        (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
 
 
-def join_processes(procs: Processes, backend: str) -> None:
-    """Join torchrun's process group (NCCL between GPUs, gloo otherwise); a process's GPU is its local rank."""
+def join_processes(procs: Processes, device: torch.device, backend: str) -> None:
+    """Join torchrun's process group (NCCL between GPUs, gloo otherwise); on CUDA a process's GPU is its
+    local rank (a CPU run never touches the GPUs, however many torch sees)."""
     if procs.world == 1 or dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         torch.cuda.set_device(procs.local_rank)
     dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
 
@@ -1511,7 +1512,7 @@ def check_config_on_every_process(cfg: Config, procs: Processes) -> None:
     except UsageError as found:
         error = str(found)
     device = device_and_precision(cfg)[0]  # a grid's processes only wait for each other: gloo
-    join_processes(procs, "nccl" if device.type == "cuda" and not cfg.compare else "gloo")
+    join_processes(procs, device, "nccl" if device.type == "cuda" and not cfg.compare else "gloo")
     errors = [None] * procs.world
     dist.all_gather_object(errors, error)
     if any(errors):

@@ -1,14 +1,15 @@
 """Tests that read like the claims they check. Run: python -m pytest -q test_offpolicy_pessimism.py"""
 
+import builtins
 import copy
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,8 +17,14 @@ import torch
 import offpolicy_pessimism as op
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CPU = ["--device", "cpu"]  # every run here is on the CPU whatever torch sees: fp32, eager decoding, gloo
 TINY = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval-size", "16",
         "--eval-every", "3", "--warm-start-steps", "30"]
+
+
+def main(argv: list[str]) -> int:
+    """The script's main() on the CPU, so that exact equalities hold on a machine with a GPU too."""
+    return op.main([*CPU, *argv])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +104,13 @@ def test_oapl_value_temperature_sets_the_regime():
     below = op.induced_target_c(rewards - op.soft_value(rewards, beta / 2), beta)
     assert torch.all(above[mixed] > 0)
     assert torch.all(equal == 0)
-    assert torch.all((below[mixed] < 0) | below[mixed].isnan())
+    negative, no_target = below[mixed] < 0, below[mixed].isnan()
+    assert torch.all(negative | no_target) and negative.sum() > no_target.sum()
+    # NaN only where no c < 0 normalises eq. 2: at c = -1/(e max z), the largest mass any c < 0 gives, it is below 1
+    z = ((rewards - op.soft_value(rewards, beta / 2)) / beta).double().exp()[mixed]
+    c_min = -1 / (math.e * z.max(-1, keepdim=True).values)
+    largest_mass = (op.lambert_w0(c_min * z) / c_min).mean(-1)
+    assert torch.equal(largest_mass < 1, no_target)
 
 
 def test_shifted_mean_is_always_pessimistic_and_neutral_on_equal_rewards():
@@ -148,44 +161,138 @@ def test_every_loss_raises_the_correct_completion_and_lowers_the_wrong_ones(name
     assert torch.all(grad[~MASK] == 0)  # nothing past the first EOS is trained
 
 
-def test_loss_values_on_hand_made_inputs():
-    # at pi = mu the regression losses are mean(A^2); the mean-centred A is (0.75, -0.25, -0.25, -0.25)
-    assert loss_and_grad("pmd")[0] == pytest.approx((0.75 ** 2 + 3 * 0.25 ** 2) / 4)
-    assert loss_and_grad("shifted")[0] == pytest.approx((0.85 ** 2 + 3 * 0.15 ** 2) / 4)
-    value = 0.2 * math.log((math.exp(5) + 3) / 4)
-    assert loss_and_grad("oapl")[0] == pytest.approx(((1 - value) ** 2 + 3 * value ** 2) / 4)
-    assert loss_and_grad("apo")[0] == pytest.approx(0.25)
-    # GRPO advantages sum to zero, so the ratio-1 policy-gradient losses are zero
-    assert loss_and_grad("ppo")[0] == pytest.approx(0.0, abs=1e-6)
-    # reinforce: -mean((r - mean + delta) * sum_t log pi)
-    sums = torch.tensor([-2.0, -3.0, -1.0, -2.0])
-    assert loss_and_grad("reinforce")[0] == pytest.approx(-((torch.tensor([0.85, -0.15, -0.15, -0.15]) * sums).mean()).item())
-    # the regression gradient: d/dlogp_t of mean (beta * log_ratio - A)^2 = 2 beta (beta log_ratio - A) / N
-    _, grad, _ = loss_and_grad("pmd", policy_minus_behavior=0.5)
-    log_ratio = torch.tensor([1.0, 1.5, 0.5, 1.0])
-    expected = 2 * 0.1 * (0.1 * log_ratio - torch.tensor([0.75, -0.25, -0.25, -0.25])) / 4
-    assert torch.allclose(grad[:, 0], expected, atol=1e-6)
+# Two groups of three completions with lengths 3, 2, 1 / 2, 3, 3 and per-token ratios pi/mu chosen on both
+# sides of PPO's trust region and TIS's cap; every value below is computed in plain Python.
+HAND_REWARDS = [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]
+HAND_LENGTHS = [3, 2, 1, 2, 3, 3]
+HAND_RATIOS = [[1.5, 0.9, 1.1], [0.5, 1.3], [2.5], [0.7, 1.05], [1.6, 3.0, 0.95], [0.6, 1.25, 1.0]]
+HAND_BEHAVIOR = [[-0.5, -1.0, -2.0], [-0.3, -0.7], [-1.2], [-0.4, -0.9], [-1.5, -0.2, -0.6], [-0.8, -1.1, -0.3]]
 
 
-def test_ppo_clip_stops_the_gradient_beyond_the_trust_region():
-    _, grad, diagnostics = loss_and_grad("ppo", policy_minus_behavior=math.log(1.5))  # ratio 1.5 > 1.2
-    assert torch.all(grad[0] == 0)  # positive advantage, ratio above 1 + eps: clipped
-    assert torch.all(grad[1:][MASK[1:]] > 0)  # negative advantages are not clipped from above
-    assert diagnostics["clip_fraction"] == pytest.approx(1.0)
-    assert diagnostics["ratio_max"] == pytest.approx(1.5)
+def hand_batch():
+    """(policy_logp leaf, behavior_logp, mask, rewards) as tensors, padded to 3 tokens."""
+    behavior, policy = torch.zeros(6, 3), torch.zeros(6, 3)
+    for row, (ratios, logps) in enumerate(zip(HAND_RATIOS, HAND_BEHAVIOR)):
+        for t, (ratio, logp) in enumerate(zip(ratios, logps)):
+            behavior[row, t], policy[row, t] = logp, logp + math.log(ratio)
+    mask = op.mask_from_lengths(torch.tensor(HAND_LENGTHS), 3)
+    return policy.requires_grad_(True), behavior, mask, torch.tensor(HAND_REWARDS)
 
 
-def test_tis_truncates_the_importance_weight_at_the_cap():
-    _, grad_capped, diagnostics = loss_and_grad("tis", policy_minus_behavior=math.log(3.0))  # ratio 3 > cap 2
-    _, grad_on_policy, _ = loss_and_grad("tis")
-    assert torch.allclose(grad_capped, 2.0 * grad_on_policy)
-    assert diagnostics["clip_fraction"] == pytest.approx(1.0)
+def hand_grpo_advantages():
+    advantages = []
+    for group in HAND_REWARDS:
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / len(group))  # population std
+        advantages += [(r - mean) / (std + 1e-4) for r in group]
+    return advantages
 
 
-def test_length_normalize_divides_the_sequence_log_ratio_by_the_length():
-    token_values = torch.ones(4, 3)
-    assert op.sequence_sum(token_values, MASK).tolist() == [2, 3, 1, 2]
-    assert op.sequence_sum(token_values, MASK, length_normalize=True).tolist() == [1, 1, 1, 1]
+def test_grpo_advantage_divides_by_the_population_std():
+    expected = hand_grpo_advantages()
+    assert expected[0] == pytest.approx((1 - 1 / 3) / (math.sqrt(2) / 3 + 1e-4))
+    assert op.grpo_advantages(torch.tensor(HAND_REWARDS)).flatten().tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ppo_value_and_gradient_by_hand_with_both_clip_sides():
+    eps, advantages = 0.2, hand_grpo_advantages()
+    objective, gradient, clipped = 0.0, [], 0
+    for row, ratios in enumerate(HAND_RATIOS):
+        a, row_gradient = advantages[row], []
+        for ratio in ratios:
+            outside = (a > 0 and ratio > 1 + eps) or (a < 0 and ratio < 1 - eps)  # the clip's side for A's sign
+            objective += min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a) / len(ratios) / 6
+            row_gradient.append(0.0 if outside else -ratio * a / len(ratios) / 6)
+            clipped += abs(ratio - 1) > eps
+        gradient.append(row_gradient + [0.0] * (3 - len(ratios)))
+    policy_logp, behavior_logp, mask, rewards = hand_batch()
+    loss, diagnostics = op.ppo_loss(policy_logp, behavior_logp, mask, rewards, eps)
+    loss.backward()
+    assert loss.item() == pytest.approx(-objective, rel=1e-6)
+    assert policy_logp.grad.tolist() == [pytest.approx(row, abs=1e-7) for row in gradient]
+    assert policy_logp.grad[0, 0] == 0 and policy_logp.grad[1, 0] == 0  # clipped above (A > 0) and below (A < 0)
+    assert policy_logp.grad[2, 0] != 0 and policy_logp.grad[3, 0] != 0  # the other sides are not clipped
+    assert diagnostics["clip_fraction"] == pytest.approx(clipped / sum(HAND_LENGTHS))
+    assert diagnostics["ratio_max"] == pytest.approx(3.0) and diagnostics["ratio_mean"] == pytest.approx(
+        sum(map(sum, HAND_RATIOS)) / sum(HAND_LENGTHS))
+
+
+def test_tis_value_and_gradient_by_hand_with_the_cap():
+    cap, advantages = 2.0, hand_grpo_advantages()
+    loss_by_hand, gradient = 0.0, []
+    for row, (ratios, behavior) in enumerate(zip(HAND_RATIOS, HAND_BEHAVIOR)):
+        weights = [min(ratio, cap) for ratio in ratios]
+        loss_by_hand -= sum(w * advantages[row] * (b + math.log(r)) for w, b, r in zip(weights, behavior, ratios)) \
+            / len(ratios) / 6
+        gradient.append([-w * advantages[row] / len(ratios) / 6 for w in weights] + [0.0] * (3 - len(ratios)))
+    policy_logp, behavior_logp, mask, rewards = hand_batch()
+    loss, diagnostics = op.tis_loss(policy_logp, behavior_logp, mask, rewards, cap)
+    loss.backward()
+    assert loss.item() == pytest.approx(loss_by_hand, rel=1e-6)
+    assert policy_logp.grad.tolist() == [pytest.approx(row, abs=1e-7) for row in gradient]
+    assert diagnostics["clip_fraction"] == pytest.approx(2 / sum(HAND_LENGTHS))  # 2.5 and 3.0 are capped
+
+
+def hand_log_ratios(length_normalize=False):
+    """d_i = sum_t log(pi/mu), or its mean over the tokens."""
+    return [sum(map(math.log, ratios)) / (len(ratios) if length_normalize else 1) for ratios in HAND_RATIOS]
+
+
+def hand_regression(advantages, beta, log_ratios=None):
+    """eq. 1 on the batch: mean_i (beta d_i - A_i)^2."""
+    log_ratios = log_ratios or hand_log_ratios()
+    return sum((beta * d - a) ** 2 for d, a in zip(log_ratios, advantages)) / 6
+
+
+def group_means(values):
+    return [sum(values[3 * g: 3 * g + 3]) / 3 for g in (0, 0, 0, 1, 1, 1)]
+
+
+def test_every_other_loss_value_by_hand():
+    policy_logp, behavior_logp, mask, rewards = hand_batch()
+    reference_logp = behavior_logp - 0.25 * mask  # pi_ref: e^-0.25 of mu on every token
+    ref_value = torch.tensor([[0.4], [0.9]])
+    r = [reward for group in HAND_REWARDS for reward in group]
+    mean = group_means(r)
+    beta, beta_value, shift, delta = 0.1, 0.2, 1.0, 0.1
+    soft = [beta_value * math.log(sum(math.exp(x / beta_value) for x in HAND_REWARDS[g]) / 3)
+            for g in (0, 0, 0, 1, 1, 1)]
+    d = hand_log_ratios()
+    centred_d = [x - m for x, m in zip(d, group_means(d))]
+    sequence_logp = [sum(b + math.log(ratio) for b, ratio in zip(bs, rs)) for bs, rs in zip(HAND_BEHAVIOR, HAND_RATIOS)]
+    expected = {
+        "reinforce": -sum((ri - m + delta) * s for ri, m, s in zip(r, mean, sequence_logp)) / 6,
+        "reinforce, length-normalised": -sum((ri - m + delta) * s / n for ri, m, s, n in
+                                             zip(r, mean, sequence_logp, HAND_LENGTHS)) / 6,
+        "oapl": hand_regression([ri - v for ri, v in zip(r, soft)], beta),
+        "apo": hand_regression([ri - v for ri, v in zip(r, [0.4] * 3 + [0.9] * 3)], beta,
+                               [x + 0.25 * n for x, n in zip(d, HAND_LENGTHS)]),
+        "pmd": hand_regression([ri - m for ri, m in zip(r, mean)], beta),
+        "shifted": hand_regression([ri - m + shift * beta for ri, m in zip(r, mean)], beta),
+        "shifted, length-normalised": hand_regression([ri - m + shift * beta for ri, m in zip(r, mean)], beta,
+                                                      hand_log_ratios(length_normalize=True)),
+        "centred": hand_regression([ri - m for ri, m in zip(r, mean)], beta, centred_d),
+    }
+    computed = {
+        "reinforce": op.reinforce_loss(policy_logp, mask, rewards, delta),
+        "reinforce, length-normalised": op.reinforce_loss(policy_logp, mask, rewards, delta, length_normalize=True),
+        "oapl": op.oapl_loss(policy_logp, behavior_logp, mask, rewards, beta, beta_value),
+        "apo": op.apo_loss(policy_logp, reference_logp, mask, rewards, ref_value, beta),
+        "pmd": op.pmd_loss(policy_logp, behavior_logp, mask, rewards, beta),
+        "shifted": op.shifted_loss(policy_logp, behavior_logp, mask, rewards, beta, shift),
+        "shifted, length-normalised": op.shifted_loss(policy_logp, behavior_logp, mask, rewards, beta, shift,
+                                                      length_normalize=True),
+        "centred": op.centred_loss(policy_logp, behavior_logp, mask, rewards, beta),
+    }
+    for name, value in expected.items():
+        assert computed[name][0].item() == pytest.approx(value, rel=1e-5), name
+    # the regression gradient on token t of completion i: 2 beta (beta d_i - A_i) / N, the same on each of its tokens
+    computed["shifted"][0].backward()
+    shifted_advantages = [ri - m + shift * beta for ri, m in zip(r, mean)]
+    for row, n in enumerate(HAND_LENGTHS):
+        expected_gradient = 2 * beta * (beta * d[row] - shifted_advantages[row]) / 6
+        assert policy_logp.grad[row, :n].tolist() == pytest.approx([expected_gradient] * n, rel=1e-5)
+        assert torch.all(policy_logp.grad[row, n:] == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,15 +343,20 @@ def test_refresh_copies_the_policy_in_place(tiny):
         assert torch.equal(g, p) and not g.requires_grad
 
 
-def test_mass_leakage_is_one_when_the_policy_is_the_generator():
-    ids = torch.tensor([[5, 2], [5, 2], [6, 2], [7, 2]])
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    logp = torch.tensor([-1.0, -1.0, -2.0, -3.0])
-    assert op.mass_leakage(logp, logp, ids, mask, 4)["mass_leakage"] == pytest.approx(1.0)
-    shrunk = op.mass_leakage(logp - 1, logp, ids, mask, 4)  # pi = mu / e on every sampled completion
-    assert shrunk["mass_leakage"] == pytest.approx(math.exp(-1))
-    covered = math.exp(-1) + math.exp(-2) + math.exp(-3)  # the duplicate counts once
-    assert shrunk["generator_mass_sampled"] == pytest.approx(covered)
+def test_mass_leakage_sums_each_distinct_completion_once_per_group():
+    # two groups of 4; in the first, rows 0 and 1 are one completion (what follows its EOS, 2, is not part of it)
+    ids = torch.tensor([[5, 2, 9], [5, 2, 0], [6, 2, 0], [7, 2, 0], [5, 2, 0], [6, 6, 2], [7, 2, 0], [8, 8, 2]])
+    mask = op.mask_from_lengths(torch.tensor([2, 2, 2, 2, 2, 3, 2, 3]), 3)
+    behavior = torch.tensor([-1.0, -1.0, -2.0, -3.0, -1.5, -2.5, -0.5, -4.0])
+    assert op.mass_leakage(behavior, behavior, ids, mask, 4)["mass_leakage"] == pytest.approx(1.0)
+    policy = behavior + torch.tensor([-1.0, -1.0, 0.5, -2.0, 0.0, -0.3, -1.0, 0.2])  # a different move per completion
+    first = [(-1.0 - 1.0, -1.0), (-2.0 + 0.5, -2.0), (-3.0 - 2.0, -3.0)]  # (log pi, log mu) of its 3 distinct
+    second = [(-1.5, -1.5), (-2.5 - 0.3, -2.5), (-0.5 - 1.0, -0.5), (-4.0 + 0.2, -4.0)]
+    leakage = [sum(math.exp(p) for p, _ in group) / sum(math.exp(m) for _, m in group) for group in (first, second)]
+    result = op.mass_leakage(policy, behavior, ids, mask, 4)
+    assert result["mass_leakage"] == pytest.approx(sum(leakage) / 2, rel=1e-6)
+    covered = [sum(math.exp(m) for _, m in group) for group in (first, second)]
+    assert result["generator_mass_sampled"] == pytest.approx(sum(covered) / 2, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,10 +436,261 @@ def test_real_math500_boxed_answers_match_their_answer_field():
     "__import__('os').system('rm -rf /')", "print(40 + 6)", "1" * 10_000_000, "\u0664\u0666", "\uff14\uff16", "4" * 200,
     "\\boxed{__import__('os')}", "#### 9" * 100,
 ])
-def test_reward_checker_parses_never_executes_and_is_fast_on_hostile_strings(hostile):
-    started = time.perf_counter()
+def test_reward_checker_parses_never_executes_and_scans_a_bounded_text_on_hostile_strings(hostile, monkeypatch):
+    scanned = []  # the length of every text one of the checker's regular expressions ran on
+
+    class Recording:
+        def __init__(self, wrapped):
+            self.wrapped = wrapped
+
+        def __getattr__(self, name):
+            def run(*args, **kwargs):
+                scanned.append(len(args[-1]))  # the text: the last argument of findall, fullmatch and sub
+                return getattr(self.wrapped, name)(*args, **kwargs)
+            return run
+
+    for name in ("re", "_FINAL_MARK", "_LAST_NUMBER", "_LATEX_SPACING", "_LATEX_TEXT", "_UNIT_WORDS", "_FRACTION"):
+        monkeypatch.setattr(op, name, Recording(getattr(op, name)))
+    for name in ("eval", "exec"):
+        monkeypatch.setattr(builtins, name, lambda *args, **kwargs: pytest.fail("the checker executed its input"))
     assert op.reward(hostile, "46") == 0.0
-    assert time.perf_counter() - started < 0.5
+    assert scanned and max(scanned) <= op.MAX_CHECKED_CHARS
+    if len(hostile) > op.MAX_CHECKED_CHARS:
+        assert max(scanned) <= len("46")  # only the reference answer was parsed: the completion was refused unread
+
+
+# ---------------------------------------------------------------------------------------------
+# The wiring: every flag reaches its loss, every reward its prompt, and A*-PO's reference is pi_ref
+# ---------------------------------------------------------------------------------------------
+WIRING_BATCH = [("7+3=", "10"), ("45+21=", "66"), ("99+29=", "128")]  # 3 prompts x 4 completions
+
+
+def even_length_checker(completion: str, answer: str) -> float:
+    """A stand-in checker that gives an untrained model mixed rewards: 1 for an even-length completion."""
+    return float(len(completion) % 2 == 0)
+
+
+def moved(model, seed: int, scale: float = 0.05):
+    """A copy of the model with every weight moved by scale * N(0, 1): another policy, ratios away from 1."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return other
+
+
+def wiring_run(tiny, argv, monkeypatch, steps=1):
+    """rl_step as train() calls it, for `steps` steps with the flags `argv`, from a generator that differs
+    from the policy (its first batch is stale). Returns the Learner, the policy as RL started, and for each
+    step (the policy before it, its StepResult, the gradient it applied); and the parsed flags."""
+    monkeypatch.setitem(op.CHECKERS, "builtin", even_length_checker)
+    model, tokenizer = tiny
+    cfg = op.parse_config([*CPU, "--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "5",
+                           "--grad-clip", "1e9", *argv])  # no gradient clipping: the raw gradient is compared
+    learner = op.make_learner(cfg, copy.deepcopy(model), torch.device("cpu"), "fp32")
+    start = copy.deepcopy(learner.policy)
+    learner.generator.load_state_dict(moved(model, seed=5).state_dict())
+    steps_taken, ref_values = [], {}
+    for step in range(1, steps + 1):
+        before = copy.deepcopy(learner.policy)
+        staleness = step % cfg.lag  # the first batch comes from the moved generator, not a refreshed one
+        result = op.rl_step(cfg, learner, tokenizer, WIRING_BATCH, staleness,
+                            op.sampling_noise(f"wiring|{step}", 12, cfg.max_new_tokens), ref_values)
+        steps_taken.append((before, result, [p.grad.clone() for p in learner.policy.parameters()]))
+    return learner, start, steps_taken, cfg
+
+
+def loss_and_gradient(policy, result, loss_of):
+    """loss_of(policy_logp, batch) and its gradient with respect to the policy's weights."""
+    policy_logp, _ = op.completion_logprobs(policy, result.rollout, 1.0)
+    loss, _ = loss_of(policy_logp, result.rollout, result.rewards)
+    return loss, torch.autograd.grad(loss, list(policy.parameters()))
+
+
+def shifted(shift=1.0, length_normalize=False, beta=0.1):
+    return lambda logp, batch, rewards: op.shifted_loss(logp, batch.behavior_logp, batch.completion_mask, rewards,
+                                                        beta, shift, length_normalize)
+
+
+WIRING = {  # flag: (the flags, the loss called directly with the flag's value, the same loss at the default)
+    "--shift": (["--loss", "shifted", "--shift", "-0.5"], shifted(shift=-0.5), shifted()),
+    "--beta": (["--loss", "pmd", "--beta", "0.3"],
+               lambda lp, b, r: op.pmd_loss(lp, b.behavior_logp, b.completion_mask, r, beta=0.3),
+               lambda lp, b, r: op.pmd_loss(lp, b.behavior_logp, b.completion_mask, r, beta=0.1)),
+    "--beta-value": (["--loss", "oapl", "--beta-value", "0.05"],  # swapped with --beta it would read 0.1, 0.05
+                     lambda lp, b, r: op.oapl_loss(lp, b.behavior_logp, b.completion_mask, r, 0.1, beta_value=0.05),
+                     lambda lp, b, r: op.oapl_loss(lp, b.behavior_logp, b.completion_mask, r, 0.1, beta_value=0.2)),
+    "--delta": (["--loss", "reinforce", "--delta", "0.4"],
+                lambda lp, b, r: op.reinforce_loss(lp, b.completion_mask, r, delta=0.4),
+                lambda lp, b, r: op.reinforce_loss(lp, b.completion_mask, r, delta=0.1)),
+    "--clip-eps": (["--loss", "ppo", "--clip-eps", "0.02"],
+                   lambda lp, b, r: op.ppo_loss(lp, b.behavior_logp, b.completion_mask, r, clip_eps=0.02),
+                   lambda lp, b, r: op.ppo_loss(lp, b.behavior_logp, b.completion_mask, r, clip_eps=0.2)),
+    "--is-cap": (["--loss", "tis", "--is-cap", "1.02"],
+                 lambda lp, b, r: op.tis_loss(lp, b.behavior_logp, b.completion_mask, r, is_cap=1.02),
+                 lambda lp, b, r: op.tis_loss(lp, b.behavior_logp, b.completion_mask, r, is_cap=2.0)),
+    "--length-normalize": (["--loss", "shifted", "--length-normalize"], shifted(length_normalize=True), shifted()),
+    "--length-normalize (reinforce)": (
+        ["--loss", "reinforce", "--length-normalize"],
+        lambda lp, b, r: op.reinforce_loss(lp, b.completion_mask, r, delta=0.1, length_normalize=True),
+        lambda lp, b, r: op.reinforce_loss(lp, b.completion_mask, r, delta=0.1)),
+}
+
+
+def assert_same_loss_and_gradient(got, expected):
+    (loss, gradient), (expected_loss, expected_gradient) = got, expected
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5, abs=1e-7)
+    for g, e in zip(gradient, expected_gradient):
+        assert torch.allclose(g, e, rtol=1e-4, atol=1e-7)
+
+
+def assert_other_loss_and_gradient(got, other):
+    (loss, gradient), (other_loss, other_gradient) = got, other
+    assert abs(loss.item() - other_loss.item()) > 1e-3 * max(abs(other_loss.item()), 1e-2)
+    largest = max(e.abs().max() for e in other_gradient)
+    assert max((g - e).abs().max() for g, e in zip(gradient, other_gradient)) > 1e-3 * largest
+
+
+@pytest.mark.parametrize("flag", WIRING)
+def test_each_loss_flag_reaches_the_update_with_its_value(flag, tiny, monkeypatch):
+    argv, with_flag, at_default = WIRING[flag]
+    _, _, [(before, result, gradient)], _ = wiring_run(tiny, argv, monkeypatch)
+    assert 0 < result.rewards.mean() < 1 and result.rollout.staleness == 1
+    taken = (result.loss, gradient)
+    assert_same_loss_and_gradient(taken, loss_and_gradient(before, result, with_flag))
+    assert_other_loss_and_gradient(taken, loss_and_gradient(before, result, at_default))
+    if flag in ("--clip-eps", "--is-cap"):  # the new bound does cut some tokens, on both sides for ppo
+        assert 0 < result.diagnostics["clip_fraction"] < 1
+
+
+def test_truncated_mask_flag_drops_cut_completions_from_the_gradient_not_from_the_baseline(tiny, monkeypatch):
+    flags = ["--loss", "shifted", "--truncated", "mask"]
+    _, _, [(before, result, gradient)], _ = wiring_run(tiny, flags, monkeypatch)
+    batch, rewards = result.rollout, result.rewards
+    texts = op.completion_texts(tiny[1], batch)
+    assert 0 < int(batch.truncated.sum()) < 12
+    assert rewards.flatten().tolist() == [even_length_checker(t, "") for t in texts]  # cut ones keep their reward
+    assert torch.equal(result.diagnostics["advantages"], rewards - rewards.mean(-1, keepdim=True) + 0.1)
+    kept = batch.completion_mask & ~batch.truncated[:, None]
+
+    def masked(logp, batch, rewards):
+        return op.shifted_loss(logp, batch.behavior_logp, kept, rewards, 0.1, 1.0)
+
+    def zeroed(logp, batch, rewards):  # the default, --truncated zero: every completion trained, cut ones reward 0
+        return op.shifted_loss(logp, batch.behavior_logp, batch.completion_mask,
+                               rewards.flatten().masked_fill(batch.truncated, 0).view_as(rewards), 0.1, 1.0)
+
+    assert_same_loss_and_gradient((result.loss, gradient), loss_and_gradient(before, result, masked))
+    assert_other_loss_and_gradient((result.loss, gradient), loss_and_gradient(before, result, zeroed))
+    policy_logp = result.policy_logp.clone().requires_grad_(True)
+    cfg = op.parse_config(["--loss", "shifted", "--truncated", "mask"])
+    op.compute_loss(cfg, policy_logp, batch, rewards)[0].backward()
+    assert torch.all(policy_logp.grad[batch.truncated] == 0)
+    assert torch.all(policy_logp.grad[~batch.truncated][batch.completion_mask[~batch.truncated]] != 0)
+
+
+def test_apo_is_anchored_on_the_reference_which_no_refresh_ever_touches(tiny, monkeypatch):
+    flags = ["--loss", "apo", "--lag", "2", "--lr", "1e-2", "--truncated", "mask"]  # mask: cut ones keep a reward
+    learner, start, steps, cfg = wiring_run(tiny, flags, monkeypatch, steps=4)
+    assert [result.rollout.staleness for _, result, _ in steps] == [1, 0, 1, 0]  # two generator refreshes
+    reference_value = op.reference_values(op.frozen_copy(start), tiny[1], WIRING_BATCH, {}, cfg)
+    assert reference_value.unique().numel() > 1
+    for step, (before, result, gradient) in enumerate(steps, start=1):
+        reference_logp, _ = op.completion_logprobs(start, result.rollout, 1.0)
+        mask = result.rollout.completion_mask
+        assert (result.ref_logp - reference_logp)[mask].abs().max() < 1e-5  # pi_ref: the policy as RL started
+        assert torch.equal(result.ref_value, reference_value)                # and V_ref: from its samples
+        assert (result.ref_logp - result.rollout.behavior_logp)[mask].abs().max() > 1e-3  # not mu
+        if step > 1:
+            assert (result.ref_logp - result.policy_logp)[mask].abs().max() > 1e-3  # not the current policy
+
+        def anchored(logp, batch, rewards):
+            return op.apo_loss(logp, reference_logp, batch.completion_mask, rewards, result.ref_value, beta=0.1)
+
+        assert_same_loss_and_gradient((result.loss, gradient), loss_and_gradient(before, result, anchored))
+    for kept, initial in zip(learner.reference.parameters(), start.parameters()):
+        assert torch.equal(kept, initial)
+    assert any(not torch.equal(p, q) for p, q in zip(learner.generator.parameters(), start.parameters()))
+
+
+def test_apo_value_comes_from_the_reference_samples_once_per_prompt_wherever_it_is_first_seen(tiny, monkeypatch):
+    monkeypatch.setitem(op.CHECKERS, "builtin", even_length_checker)
+    model, tokenizer = tiny
+    cfg = op.parse_config([*CPU, "--loss", "apo", "--group-size", "8", "--beta-value", "0.3", "--max-new-tokens", "30"])
+    reference = op.frozen_copy(model)
+    sampled = []  # (model, prompts, rollout) of every sample_groups call
+
+    def recording_sample_groups(sampler, tokenizer, prompts, *args, **kwargs):
+        rollout = sample_groups(sampler, tokenizer, prompts, *args, **kwargs)
+        sampled.append((sampler, prompts, rollout))
+        return rollout
+
+    sample_groups = op.sample_groups
+    monkeypatch.setattr(op, "sample_groups", recording_sample_groups)
+    all_at_once = op.reference_values(reference, tokenizer, WIRING_BATCH, {}, cfg)
+    (sampler, prompts, rollout), = sampled
+    assert sampler is reference and prompts == [p for p, _ in WIRING_BATCH]
+    rewards = [0.0 if cut else even_length_checker(text, "")  # --truncated zero: a cut completion scores 0
+               for text, cut in zip(op.completion_texts(tokenizer, rollout), rollout.truncated)]
+    for prompt, value in enumerate(all_at_once.flatten().tolist()):
+        group = rewards[8 * prompt: 8 * prompt + 8]
+        assert 0 < sum(group) < 8
+        assert value == pytest.approx(0.3 * math.log(sum(math.exp(r / 0.3) for r in group) / 8), rel=1e-6)
+    cache = {}
+    one_by_one = [op.reference_values(reference, tokenizer, [problem], cache, cfg) for problem in WIRING_BATCH[::-1]]
+    assert torch.equal(torch.cat(one_by_one[::-1]), all_at_once)  # the same draws, whatever came first
+    sampled.clear()
+    with torch.no_grad():
+        next(reference.parameters()).add_(1.0)  # a cached value is never sampled again
+    assert torch.equal(op.reference_values(reference, tokenizer, WIRING_BATCH[1:], cache, cfg), all_at_once[1:])
+    assert sampled == []
+
+
+def rollout_of_texts(tokenizer, prompts, texts, truncated=()):
+    """A Rollout whose completions are the given texts (rows prompt-major, len(texts) // len(prompts) per prompt)."""
+    repeats = len(texts) // len(prompts)
+    prompt_ids, prompt_mask = op.left_pad(op.encode_prompts(tokenizer, prompts), tokenizer.pad_token_id)
+    completions = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in texts]
+    width = max(map(len, completions))
+    completion_ids = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in completions])
+    completion_mask = op.mask_from_lengths(torch.tensor([len(c) for c in completions]), width)
+    return op.Rollout(prompt_ids.repeat_interleave(repeats, 0), prompt_mask.repeat_interleave(repeats, 0),
+                      completion_ids, completion_mask, torch.zeros(completion_ids.shape),
+                      torch.tensor([row in truncated for row in range(len(texts))]))
+
+
+def test_score_gives_each_completion_the_reward_of_its_own_prompt(tiny):
+    tokenizer = tiny[1]
+    prompts, answers = ["7+3=", "45+21=", "99+29="], ["10", "66", "128"]
+    texts = ["10", "66",  # prompt 0 (answer 10): right, then prompt 1's answer
+             "#### 66", "10",  # prompt 1 (answer 66): right, then prompt 0's answer
+             "128", "66"]  # prompt 2 (answer 128): right (cut at the token limit), then prompt 1's answer
+    rollout = rollout_of_texts(tokenizer, prompts, texts, truncated={4})
+    assert op.score(tokenizer, rollout, answers, 2).tolist() == [[1, 0], [1, 0], [1, 0]]
+    assert op.score(tokenizer, rollout, answers, 2, zero_truncated=True).tolist() == [[1, 0], [1, 0], [0, 0]]
+
+
+def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy decoding the plain way: one prompt, the whole sequence through the model at every token."""
+    ids, new = op.encode_prompts(tokenizer, [prompt])[0], []
+    with torch.no_grad():
+        while len(new) < max_new_tokens and tokenizer.eos_token_id not in new:
+            new.append(int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_evaluate_is_the_share_of_problems_whose_greedy_answer_is_right(ddp_warm_out):
+    (folder,) = [d for d in os.listdir(ddp_warm_out) if d.startswith("warmstart_")]
+    model, tokenizer = op.load_pretrained(str(ddp_warm_out / folder))
+    model.eval()
+    said = {prompt: greedy_text(model, tokenizer, prompt, 6) for prompt, _ in op.arithmetic_problems(40)[1]}
+    numbers = [(prompt, text) for prompt, text in said.items() if text.isdigit()][:10]
+    assert len(numbers) == 10 and len({text for _, text in numbers}) > 3  # the answers differ from prompt to prompt
+    # the reference is what the model says for problems 0, 3, 6 and 9, one more than that for the others
+    problems = [(prompt, text if i % 3 == 0 else str(int(text) + 1)) for i, (prompt, text) in enumerate(numbers)]
+    assert op.evaluate(model, tokenizer, problems, 6, batch_size=4) == pytest.approx(4 / 10)  # batches 4, 4, 2
+    assert op.evaluate(model, tokenizer, problems[1:], 6, batch_size=4) == pytest.approx(3 / 9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,8 +700,8 @@ def test_reward_checker_parses_never_executes_and_is_fast_on_hostile_strings(hos
 def warm_out(tmp_path_factory):
     """An --out folder holding a cached (short) warm start, shared by the end-to-end tests."""
     out = tmp_path_factory.mktemp("warm")
-    assert op.main(["--out", str(out), "--steps", "1", "--eval-size", "8", "--warm-start-steps", "30",
-                    "--prompts-per-step", "2", "--group-size", "2"]) == 0
+    assert main(["--out", str(out), "--steps", "1", "--eval-size", "8", "--warm-start-steps", "30",
+                 "--prompts-per-step", "2", "--group-size", "2"]) == 0
     return out
 
 
@@ -367,7 +730,7 @@ def comparable_metrics(out, ignored=TIMINGS):
 @pytest.mark.parametrize("loss", op.LOSSES)
 def test_every_loss_runs_end_to_end(loss, warm_out, tmp_path, capsys):
     out = fresh_out(warm_out, tmp_path)
-    assert op.main(["--loss", loss, "--out", str(out), *TINY]) == 0
+    assert main(["--loss", loss, "--out", str(out), *TINY]) == 0
     assert "final accuracy" in capsys.readouterr().out
     metrics = metrics_of(out)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
@@ -386,7 +749,7 @@ def test_every_loss_runs_end_to_end(loss, warm_out, tmp_path, capsys):
 
 def test_generator_is_refreshed_every_lag_steps(warm_out, tmp_path):
     out = fresh_out(warm_out, tmp_path)
-    assert op.main(["--out", str(out), "--lag", "3", "--lr", "1e-2", *TINY, "--steps", "7"]) == 0
+    assert main(["--out", str(out), "--lag", "3", "--lr", "1e-2", *TINY, "--steps", "7"]) == 0
     steps = metrics_of(out)[1:]
     assert [m["staleness"] for m in steps] == [0, 1, 2, 0, 1, 2, 0]
     for m in steps:
@@ -396,18 +759,25 @@ def test_generator_is_refreshed_every_lag_steps(warm_out, tmp_path):
             assert abs(m["log_ratio_mean"]) > 1e-4
 
 
-def test_resume_after_an_interruption_gives_the_same_metrics(warm_out, tmp_path):
-    args = [*TINY, "--lag", "2", "--lr", "1e-3"]  # evaluates and checkpoints every 3 steps
+@pytest.mark.parametrize("loss", ["shifted", "apo"])
+def test_resume_after_an_interruption_gives_the_same_metrics(loss, warm_out, tmp_path, monkeypatch):
+    monkeypatch.setitem(op.CHECKERS, "builtin", even_length_checker)  # mixed rewards: A*-PO's V_ref is not all 0
+    args = [*TINY, "--lag", "2", "--lr", "1e-3", "--loss", loss]  # evaluates and checkpoints every 3 steps
     straight = fresh_out(warm_out, tmp_path, "straight")
-    assert op.main(["--out", str(straight), *args, "--steps", "6"]) == 0
+    assert main(["--out", str(straight), *args, "--steps", "6"]) == 0
     interrupted = fresh_out(warm_out, tmp_path, "interrupted")
-    assert op.main(["--out", str(interrupted), *args, "--steps", "3"]) == 0  # stops mid-cycle
+    assert main(["--out", str(interrupted), *args, "--steps", "3"]) == 0  # stops mid-cycle
     (run,) = [d for d in os.listdir(interrupted) if not d.startswith("warmstart_")]
     metrics_path = interrupted / run / "metrics.jsonl"
     with open(metrics_path, "a") as f:  # a step written after the checkpoint, as if killed mid-run
         f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
-    assert op.main(["--out", str(interrupted), *args, "--steps", "6", "--resume"]) == 0
+    assert main(["--out", str(interrupted), *args, "--steps", "6", "--resume"]) == 0
     assert comparable_metrics(interrupted) == comparable_metrics(straight)
+    saved = [torch.load(out / run / "checkpoint.pt", weights_only=False) for out in (straight, interrupted)]
+    assert saved[0]["step"] == saved[1]["step"] == 6
+    assert saved[1]["ref_values"] == saved[0]["ref_values"]  # A*-PO's V_ref cache, steps 1-3 included
+    if loss == "apo":
+        assert len(saved[0]["ref_values"]) > 12 and len(set(saved[0]["ref_values"].values())) > 1
 
 
 def test_model_flag_loads_a_saved_model_and_tokenizer(tiny, tmp_path):
@@ -416,7 +786,7 @@ def test_model_flag_loads_a_saved_model_and_tokenizer(tiny, tmp_path):
     model.save_pretrained(saved)
     tokenizer.save_pretrained(saved)
     out = tmp_path / "out"
-    assert op.main(["--model", str(saved), "--out", str(out), *TINY, "--warm-start-steps", "0"]) == 0
+    assert main(["--model", str(saved), "--out", str(out), *TINY, "--warm-start-steps", "0"]) == 0
     (run,) = os.listdir(out)
     with open(out / run / "config.json") as f:
         assert json.load(f)["model_source"] == str(saved)
@@ -424,7 +794,7 @@ def test_model_flag_loads_a_saved_model_and_tokenizer(tiny, tmp_path):
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(warm_out, tmp_path, capsys):
     out = fresh_out(warm_out, tmp_path)
-    assert op.main(["--out", str(out), *TINY, "--steps", "5", "--lr", "1e30", "--grad-clip", "1e30"]) == 1
+    assert main(["--out", str(out), *TINY, "--steps", "5", "--lr", "1e30", "--grad-clip", "1e30"]) == 1
     message = capsys.readouterr().err
     assert "at step" in message and "last good checkpoint" in message
     (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
@@ -443,15 +813,20 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("argv, message", BAD_INPUT)
 def test_bad_input_stops_before_any_work_with_one_line(argv, message, tmp_path, capsys):
-    assert op.main(["--out", str(tmp_path / "out"), *argv]) == 2
+    assert main(["--out", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "out").exists()  # nothing was built or written
 
 
+def messages(stderr: str) -> list[str]:
+    """stderr's lines but the progress bars (tqdm's and transformers', drawn as `NN%|`)."""
+    return [line for line in stderr.splitlines() if line.strip() and not re.search(r"\d+%\|", line)]
+
+
 def test_unknown_loss_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        op.main(["--loss", "dpo"])
+        main(["--loss", "dpo"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'dpo'" in capsys.readouterr().err
 
@@ -462,17 +837,32 @@ def test_cuda_without_cuda_is_refused(capsys, tmp_path):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+def test_device_cpu_keeps_a_run_and_its_processes_off_a_gpu_that_torch_sees(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("a CPU run picked a GPU"))
+    assert op.device_and_precision(op.parse_config([])) == (torch.device("cuda"), "bf16")  # auto: the GPU
+    assert op.device_and_precision(op.parse_config(CPU)) == (torch.device("cpu"), "fp32")
+    joined = []
+    monkeypatch.setattr(op.dist, "init_process_group", lambda backend, **kwargs: joined.append(backend))
+    monkeypatch.setattr(op.dist, "is_initialized", lambda: False)
+    op.join_processes(op.Processes(rank=1, world=2, local_rank=1), torch.device("cpu"), "gloo")
+    assert joined == ["gloo"]
+
+
 def test_an_existing_run_is_never_overwritten(warm_out, tmp_path, capsys):
     out = fresh_out(warm_out, tmp_path)
-    assert op.main(["--out", str(out), *TINY]) == 0
-    assert op.main(["--out", str(out), *TINY]) == 2
+    assert main(["--out", str(out), *TINY]) == 0
+    files = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.rglob("*") if path.is_file()}
+    assert main(["--out", str(out), *TINY]) == 2
     assert "pass --resume" in capsys.readouterr().err
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.rglob("*") if path.is_file()} == files
 
 
 def test_the_script_runs_as_a_command_and_fails_cleanly(warm_out, tmp_path):
     out = fresh_out(warm_out, tmp_path)
     script = os.path.join(HERE, "offpolicy_pessimism.py")
-    done = subprocess.run([sys.executable, script, "--out", str(out), *TINY], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, script, *CPU, "--out", str(out), *TINY], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "warm-start accuracy | final accuracy" in done.stdout
     bad = subprocess.run([sys.executable, script, "--out", str(out), "--lag", "0"], capture_output=True, text=True)
@@ -487,7 +877,7 @@ GRID = ["--compare", "--losses", "ppo,shifted", "--lags", "1,2", "--seeds", "1",
 
 def test_grid_runs_every_cell_and_resumes_without_rerunning_finished_ones(warm_out, tmp_path, capsys):
     out = fresh_out(warm_out, tmp_path)
-    assert op.main(["--out", str(out), *GRID]) == 0
+    assert main(["--out", str(out), *GRID]) == 0
     assert "| ppo | 2 |" in capsys.readouterr().out
     cells = sorted(d for d in os.listdir(out) if "_lag" in d)
     assert len(cells) == 4 and (out / "compare.md").exists() and (out / "compare.csv").exists()
@@ -495,7 +885,7 @@ def test_grid_runs_every_cell_and_resumes_without_rerunning_finished_ones(warm_o
     shutil.rmtree(out / cells[0])                           # a cell the grid never reached
     os.remove(out / cells[1] / "summary.json")              # a cell stopped after its last checkpoint
     before = (out / cells[1] / "metrics.jsonl").read_text()
-    assert op.main(["--out", str(out), *GRID]) == 0
+    assert main(["--out", str(out), *GRID]) == 0
     assert (out / cells[0] / "summary.json").exists() and (out / cells[1] / "summary.json").exists()
     assert (out / cells[1] / "metrics.jsonl").read_text() == before  # resumed, not rerun
     for cell in cells[2:]:
@@ -504,20 +894,43 @@ def test_grid_runs_every_cell_and_resumes_without_rerunning_finished_ones(warm_o
 
 def test_grid_table_numbers_equal_the_cells_own_metrics(warm_out, tmp_path):
     out = fresh_out(warm_out, tmp_path)
-    assert op.main(["--out", str(out), *GRID, "--seeds", "1,2"]) == 0
+    assert main(["--out", str(out), *GRID, "--seeds", "1,2"]) == 0
     cfg = op.parse_config(["--out", str(out), *GRID, "--seeds", "1,2"])
     with open(out / "compare.csv") as f:
         header, *lines = [line.strip().split(",") for line in f]
-    table = {(row[0], int(row[1])): dict(zip(header, row)) for row in lines}
+    table = {(row[0], int(row[1])): {"loss": row[0], **dict(zip(header[1:], map(float, row[1:])))} for row in lines}
     assert len(table) == 4
-    for loss, lag in table:
-        cells = [c for c in op.grid_cells(cfg) if op.cell_label(c) == loss and c.lag == lag]
+
+    def over_seeds(values):
+        values = [v for v in values if not math.isnan(v)]
+        return sum(values) / len(values) if values else math.nan
+
+    def per_step(run, key, last=None):  # the mean over a cell's (last) RL steps, NaN when its loss lacks the key
+        values = [m[key] for m in run if "loss" in m and key in m][-last if last else None:]
+        return sum(values) / len(values) if values else math.nan
+
+    for (label, lag), row in table.items():
+        cells = [c for c in op.grid_cells(cfg) if op.cell_label(c) == label and c.lag == lag]
         runs = [op.read_metrics(os.path.join(op.run_folder(c), "metrics.jsonl")) for c in cells]
-        finals = [[m["eval_accuracy"] for m in run if "eval_accuracy" in m][-1] for run in runs]
-        assert float(table[loss, lag]["final_accuracy"]) == pytest.approx(sum(finals) / 2)
-        assert int(table[loss, lag]["seeds"]) == 2
-        leakage = [sum(m["mass_leakage"] for m in run[1:]) / len(run[1:]) for run in runs]
-        assert float(table[loss, lag]["mass_leakage"]) == pytest.approx(sum(leakage) / 2)
+        summaries = [json.load(open(os.path.join(op.run_folder(c), "summary.json"))) for c in cells]
+        evals = [[m["eval_accuracy"] for m in run if "eval_accuracy" in m] for run in runs]
+        finals = [e[-1] for e in evals]
+        expected = {
+            "lag": lag, "seeds": 2, "final_accuracy": sum(finals) / 2,
+            "final_accuracy_std": math.sqrt(sum((a - sum(finals) / 2) ** 2 for a in finals) / 2),
+            "best_accuracy": sum(max(e) for e in evals) / 2, "warm_start_accuracy": sum(e[0] for e in evals) / 2,
+            "final_entropy": over_seeds([per_step(run, "entropy", last=10) for run in runs]),
+            **{key: over_seeds([per_step(run, key) for run in runs]) for key in
+               ("regime_positive", "regime_boundary", "regime_negative", "clip_fraction", "mass_leakage",
+                "advantage_mean")},
+            "ratio_max": max((m["ratio_max"] for run in runs for m in run if "ratio_max" in m), default=math.nan),
+            "minutes": sum(s["minutes"] for s in summaries) / 2,
+        }
+        assert set(row) == set(expected) | {"loss"}, "a column is not checked"
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-9, nan_ok=True), (label, lag, key)
+        assert math.isnan(row["clip_fraction"]) == (label != "ppo") and math.isnan(row["regime_positive"]) == (
+            label == "ppo")
 
 
 def test_grid_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path, capsys):
@@ -530,7 +943,7 @@ def test_grid_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, t
 def test_grid_refuses_bad_lists_before_any_work(tmp_path, capsys):
     for argv, message in [(["--losses", "ppo,dpo"], "unknown dpo"), (["--lags", "1,x"], "--lags must be"),
                           (["--lags", "0"], "at least 1"), (["--resume"], "drop --resume")]:
-        assert op.main(["--out", str(tmp_path / "out"), "--compare", *argv]) == 2
+        assert main(["--out", str(tmp_path / "out"), "--compare", *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -624,7 +1037,7 @@ def test_the_full_loop_runs_on_a_saved_chat_model_and_a_jsonl_task(style, tmp_pa
     argv = ["--model", saved, "--task", "jsonl", "--data", data, "--out", str(out), "--steps", "2",
             "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "5", "--eval-every", "2",
             "--eval-fraction", "0.25", "--micro-batch", "4", "--loss", "ppo"]
-    assert op.main(argv) == 0
+    assert main(argv) == 0
     (run,) = os.listdir(out)
     metrics = op.read_metrics(out / run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
@@ -743,7 +1156,7 @@ def test_bad_data_files_give_their_messages(name, tmp_path, capsys):
         return
     argv = ["--task", task, "--data", data, "--model", save_chat_model("qwen2", tmp_path), "--out",
             str(tmp_path / "out"), "--eval-data", data]
-    assert op.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()
 
@@ -756,7 +1169,7 @@ def test_bad_data_files_give_their_messages(name, tmp_path, capsys):
     (["--micro-batch", "-1"], "--micro-batch must be at least 0"),
 ])
 def test_bad_task_flags_stop_before_any_work(argv, message, tmp_path, capsys):
-    assert op.main(["--out", str(tmp_path / "out"), *argv]) == 2
+    assert main(["--out", str(tmp_path / "out"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -772,7 +1185,7 @@ def test_eval_fraction_holds_out_problems_never_trained_on(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("math_verify") is not None, reason="math_verify is installed")
 def test_math_verify_checker_without_the_package_says_how_to_install_it(tmp_path, capsys):
-    assert op.main(["--out", str(tmp_path / "out"), "--checker", "math_verify"]) == 2
+    assert main(["--out", str(tmp_path / "out"), "--checker", "math_verify"]) == 2
     assert "pip install math-verify" in capsys.readouterr().err
 
 
@@ -837,8 +1250,8 @@ def test_inverse_cdf_sampling_draws_from_the_distribution():
 @pytest.mark.parametrize("loss", ["shifted", "apo"])
 def test_bench_writes_every_field_positive(loss, tmp_path, capsys):
     out = tmp_path / "bench"
-    assert op.main(["--bench", "2", "--loss", loss, "--out", str(out), "--prompts-per-step", "4",
-                    "--group-size", "4", "--micro-batch", "6"]) == 0
+    assert main(["--bench", "2", "--loss", loss, "--out", str(out), "--prompts-per-step", "4",
+                 "--group-size", "4", "--micro-batch", "6"]) == 0
     printed = capsys.readouterr().out
     assert "seconds/step" in printed and "MFU" in printed
     (path,) = [p for p in os.listdir(out) if p.startswith("bench_") and p.endswith(".json")]
@@ -864,8 +1277,8 @@ def test_bench_shape_is_the_smollm2_135m_configuration():
 def test_bench_runs_on_a_saved_model_and_a_data_task(tmp_path, capsys):
     saved = save_chat_model("llama", tmp_path)
     data = write_jsonl(tmp_path / "train.jsonl", ADDITION_ROWS)
-    assert op.main(["--bench", "1", "--model", saved, "--task", "jsonl", "--data", data, "--out", str(tmp_path),
-                    "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "8"]) == 0
+    assert main(["--bench", "1", "--model", saved, "--task", "jsonl", "--data", data, "--out", str(tmp_path),
+                 "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "8"]) == 0
     (path,) = [p for p in os.listdir(tmp_path) if p.startswith("bench_")]
     with open(tmp_path / path) as f:
         report = json.load(f)
@@ -939,6 +1352,25 @@ def test_a_new_batch_with_other_prompt_lengths_does_not_recompile(tiny):
     assert len(fast.static_decoding.caches) == 1  # and reuse one preallocated cache
 
 
+@needs_static_caches
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+                    reason="inductor on the CPU needs a C++ compiler")
+def test_inductor_compiled_decode_step_draws_the_eager_tokens_and_log_probs(tiny):
+    model, tokenizer = tiny
+    fast = copy.deepcopy(model)
+    op.enable_static_decoding(fast)  # the backend --compile uses: inductor's generated C++ on the CPU
+    prompts = ["7+3=", "45+21=", "99+29=", "0+0="]
+    try:
+        for temperature in (1.0, 0.0):
+            eager, compiled = (op.sample_groups(m, tokenizer, prompts, 4, 6, temperature, noise(16, 6, 4))
+                               for m in (model, fast))
+            for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+                assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
+            assert (eager.behavior_logp - compiled.behavior_logp).abs().max() < 1e-5
+    finally:
+        torch._dynamo.reset()
+
+
 def saved_activation_bytes(model, rollout) -> int:
     """What a forward pass keeps for backward (parameters excluded), counted the test's own way."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -1000,7 +1432,7 @@ def test_a_run_with_compiled_decoding_trains_and_evaluates(tmp_path, monkeypatch
 
     monkeypatch.setattr(op, "enable_static_decoding", traced_eagerly)
     out = tmp_path / "out"
-    assert op.main(["--out", str(out), *TINY, "--compile", "on"]) == 0
+    assert main(["--out", str(out), *TINY, "--compile", "on"]) == 0
     assert len(counters) == 2 and all(c.frame_count >= 1 for c in counters)  # the generator and the policy (eval)
     (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
     metrics = op.read_metrics(out / run / "metrics.jsonl")
@@ -1009,7 +1441,7 @@ def test_a_run_with_compiled_decoding_trains_and_evaluates(tmp_path, monkeypatch
 
 def test_compile_on_needs_static_caches_written_in_order(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(op, "static_decoding_supported", lambda: False)
-    assert op.main(["--out", str(tmp_path / "out"), "--compile", "on"]) == 2
+    assert main(["--out", str(tmp_path / "out"), "--compile", "on"]) == 2
     assert "--compile on needs transformers >= 5.4" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -1019,8 +1451,8 @@ def test_out_of_gpu_memory_is_one_line_naming_the_flag_to_lower(tmp_path, monkey
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
 
     monkeypatch.setattr(op, "rl_step", out_of_memory)
-    assert op.main(["--out", str(tmp_path / "out"), *TINY]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the warm start's progress bar
+    assert main(["--out", str(tmp_path / "out"), *TINY]) == 1
+    (err,) = messages(capsys.readouterr().err)  # nothing but the one line: no traceback above it
     assert err.startswith("error: out of GPU memory") and "--micro-batch" in err and "Tried" not in err
 
 
@@ -1097,7 +1529,7 @@ def test_mechanism_and_strong_start_presets_have_their_cells():
 @pytest.mark.parametrize("loss", ["pmd", "shifted", "oapl", "centred"])
 def test_mean_term_diagnostics_are_logged_and_finite(loss, tmp_path):
     out = tmp_path / "out"
-    assert op.main(["--out", str(out), *TINY, "--loss", loss]) == 0
+    assert main(["--out", str(out), *TINY, "--loss", loss]) == 0
     (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
     steps = op.read_metrics(out / run / "metrics.jsonl")[1:]
     keys = ["kl_sequence", "equal_reward_groups", "log_ratio_mean"]
@@ -1131,7 +1563,7 @@ def ddp_warm_out(tmp_path_factory):
 def torchrun(*args, processes=2):
     """The script under `torchrun --standalone --nproc_per_node N` (one thread per process)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               os.path.join(HERE, "offpolicy_pessimism.py"), *map(str, args)]
+               os.path.join(HERE, "offpolicy_pessimism.py"), *CPU, *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -1148,7 +1580,7 @@ def one_thread_main(argv):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return op.main(argv)
+        return main(argv)
     finally:
         torch.set_num_threads(threads)
 
@@ -1158,10 +1590,10 @@ def first_step_gradient(rank, world, port, out, path):
     procs = op.Processes(rank, world, rank)
     if world > 1:  # a spawned process: what torchrun would set
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        op.join_processes(procs, "gloo")
+        op.join_processes(procs, torch.device("cpu"), "gloo")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg = op.parse_config(["--out", out, *DDP_RUN, "--grad-clip", "1e9", "--compile", "off"])  # no clipping
+    cfg = op.parse_config(["--out", out, *CPU, *DDP_RUN, "--grad-clip", "1e9"])  # no clipping
     train_problems = op.arithmetic_problems(40)[0]
     policy, tokenizer, _ = op.load_model(cfg, train_problems, torch.device("cpu"))  # the cached warm start
     learner = op.make_learner(cfg, policy, torch.device("cpu"), "fp32", procs.world)
@@ -1224,6 +1656,7 @@ def test_a_batch_that_does_not_split_across_processes_stops_with_one_line(tmp_pa
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--prompts-per-step 3 does not split across 2 processes" in errors[0]
+    assert 'offpolicy_pessimism.py", line' not in done.stderr  # no traceback from the script (torchrun's own is there)
     assert os.listdir(tmp_path) == []  # before any work: no warm start, no run folder
     with pytest.raises(op.UsageError, match="--bench times one process"):
         op.check_config(op.parse_config(["--bench", "1"]), world=2)
