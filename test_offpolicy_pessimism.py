@@ -605,8 +605,9 @@ def test_apo_is_anchored_on_the_reference_which_no_refresh_ever_touches(tiny, mo
         if step > 1:
             assert (result.ref_logp - result.policy_logp)[mask].abs().max() > 1e-3  # not the current policy
 
-        def anchored(logp, batch, rewards):
-            return op.apo_loss(logp, reference_logp, batch.completion_mask, rewards, result.ref_value, beta=0.1)
+        def anchored(logp, batch, rewards):  # --truncated mask: the cut completions are out of the mask
+            kept = batch.completion_mask & ~batch.truncated[:, None]
+            return op.apo_loss(logp, reference_logp, kept, rewards, reference_value, beta=0.1)
 
         assert_same_loss_and_gradient((result.loss, gradient), loss_and_gradient(before, result, anchored))
     for kept, initial in zip(learner.reference.parameters(), start.parameters()):
@@ -1065,14 +1066,8 @@ def perturbed_batch(tiny, rows_per_prompt=4):
     prompts = ["7+3=", "45+21=", "99+29="]
     rollout = op.sample_groups(model, tokenizer, prompts, rows_per_prompt, 6, 1.0,
                                 noise(3 * rows_per_prompt, 6, 3))
-    policy = op.build_tiny_model(tokenizer, seed=0)
-    policy.load_state_dict(model.state_dict())
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
-    return policy.eval(), rollout, rewards
+    return moved(model, seed=5).eval(), rollout, rewards
 
 
 def gradients_of(policy, rollout, rewards, cfg, micro_batch):
