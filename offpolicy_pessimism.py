@@ -1,37 +1,31 @@
 """Off-policy RL for LLM reasoning, in one file: a lagged generator, a reward checker, eight losses.
 
-At scale, rollouts come from a *lagged* copy of the policy (the generator `mu`), so learning is
-off-policy. This script reproduces that setting on one GPU or a laptop CPU and compares the two
-families of objectives discussed in arXiv 2605.28150 ("Off-Policy Learning to Reason Works Because
-It Is More Pessimistic Than You Think"):
-
-* importance-weighted policy gradients (`ppo`, `tis`) and ratio-free REINFORCE (`reinforce`);
-* ratio-free squared-loss regression of `beta * log(pi/mu)` on an advantage (eq. 1), whose
-  stationary target is a Lambert-W-tempered version of `mu * exp(A/beta)` (eq. 2): `oapl`, `apo`,
-  `pmd`, and the paper's beta-shifted-mean advantage `shifted` (the default); and `centred`, eq. 1
-  without the mean term that sets these apart on samples (a control, README "The eight losses").
-
-Notation (README, "The math"): x a prompt, y a completion, r in {0, 1} its reward, pi the policy,
-mu the generator (refreshed from pi every `lag` steps), G completions per prompt, and
+At scale, rollouts come from a *lagged* copy of the policy (the generator mu, refreshed from the
+policy pi every `--lag` steps), so learning is off-policy. This script reproduces that on one GPU or
+a laptop CPU and compares the objectives discussed in arXiv 2605.28150 ("Off-Policy Learning to
+Reason Works Because It Is More Pessimistic Than You Think"): importance-weighted policy gradients
+(`ppo`, `tis`), ratio-free REINFORCE (`reinforce`), and ratio-free squared regressions of
+beta * log(pi/mu) on an advantage (`oapl`, `apo`, `pmd`, the paper's `shifted`, and the control
+`centred`). With x a prompt, y one of its G completions, r in {0, 1} its reward:
 
     eq. 1   L(theta) = E_x E_{y ~ mu} [ (beta * log(pi(y)/mu(y)) - A(x, y))^2 ],   A = r - b(x)
     eq. 2   pi_c(y) = mu(y) * W0(c * exp(A(y)/beta)) / c,   c chosen so that sum_y pi_c(y) = 1
 
-eq. 2 is the minimiser of eq. 1 over distributions (W0 the principal Lambert-W branch). c > 0 is
-the pessimistic regime (baseline below the soft value beta log E_mu exp(r/beta)), c = 0 the
-Boltzmann target mu exp(A/beta) / Z, c < 0 the fragile one.
+eq. 2 minimises eq. 1 over distributions (W0: the principal Lambert-W branch): c > 0 is the
+pessimistic regime, c = 0 the Boltzmann target mu exp(A/beta) / Z, c < 0 the fragile one.
 
-The file reads in the order the data flows: config, task and reward checker, model, lagged
-generator, advantages, losses, diagnostics, training loop, comparison grid, benchmark, main. Every
-loss is a pure function with its equation in the docstring.
+Part I, the algorithm, reads in the order the data flows: config, task and reward, model and warm
+start, the lagged generator, the policy's log-probs, advantages, the losses (each with its equation),
+diagnostics, one RL step, the training loop. It ends at the line `# Appendix`; below it is the
+machinery, each part under its own banner: flag checks, the math-answer checker and data files,
+Hugging Face models and version shims, speed and memory, run files and resume, several processes
+(torchrun), the comparison grid and plots, the benchmark, and `main`.
 
-Run `python offpolicy_pessimism.py` for the offline default: a built-in 2-digit addition task and a
-tiny character-level Llama that the script builds and warm-starts itself (cached under `--out`).
-`--model NAME_OR_PATH` loads any Hugging Face causal LM instead, `--task gsm8k|math|jsonl --data
-FILE.jsonl` a real math data set, `--compare` runs a grid of losses x lags, and `--bench N` times N
-RL steps. Under `torchrun --nproc-per-node N` a run splits each batch across N processes (DDP)
-and a grid runs N cells at a time (README, "More than one GPU"). Left out on purpose: vLLM,
-KL-to-reference penalties, learning-rate schedules.
+`python offpolicy_pessimism.py` runs offline: a built-in 2-digit addition task and a tiny
+character-level Llama that the script builds and warm-starts itself. `--model` loads any Hugging
+Face causal LM, `--task gsm8k|math|jsonl --data FILE` a math data set, `--compare` runs a grid of
+losses x lags, `--bench N` times N steps, and `torchrun --nproc-per-node N` splits a run or a grid
+across N processes. See README.md.
 """
 
 from __future__ import annotations
@@ -62,11 +56,14 @@ from tqdm import tqdm
 
 LOSSES = ("ppo", "tis", "reinforce", "oapl", "apo", "pmd", "shifted", "centred")
 TASKS = ("arith", "gsm8k", "math", "jsonl")
-BUILTIN_WARM_START_STEPS = 600  # supervised steps that bring the tiny model to about 55% accuracy
-STRONG_WARM_START_STEPS = 900   # --preset strong-start: 0.915 greedy accuracy (600 steps: 0.635)
+BUILTIN_WARM_START_STEPS = 600  # supervised steps that bring the tiny model to 0.635 greedy accuracy
+STRONG_WARM_START_STEPS = 900   # --preset strong-start: 0.915 greedy accuracy
 ACTIVATION_BUDGET_GB = 8.0      # --micro-batch 0: activations kept for the backward pass, per micro-batch
 
 
+# ==============================================================================================
+# Part I: the algorithm
+# ==============================================================================================
 # ----------------------------------------------------------------------------------------------
 # Config: every field is a command-line flag (`--prompts-per-step` for `prompts_per_step`).
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +72,8 @@ def flag(default, help: str, **argparse_kwargs):
 
 
 @dataclass
-class Config:
+class RLConfig:
+    """The algorithm's flags; `Config` (appendix) adds those of the task, the model, speed, files, the grid."""
     loss: str = flag("shifted", "objective; shifted is the paper's proposal", choices=LOSSES)
     lag: int = flag(16, "optimizer steps between generator refreshes (1 = on-policy)")
     steps: int = flag(300, "optimizer steps of RL")
@@ -95,6 +93,818 @@ class Config:
     lr: float = flag(0.0, "AdamW learning rate (0: 1e-4 for the built-in model, 1e-6 with --model, TRL's default)")
     grad_clip: float = flag(1.0, "clip the gradient norm to this value")
     seed: int = flag(1, "seed for prompts and sampling")
+    warm_start_steps: int = flag(-1, f"supervised steps on correct answers before RL (-1: {BUILTIN_WARM_START_STEPS} built-in, 0 with --model)")
+    eval_size: int = flag(200, "held-out problems for greedy accuracy")
+    eval_every: int = flag(25, "evaluate (and checkpoint) every N steps")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Task and reward: 2-digit additions, and a checker that parses the final answer (never executes it).
+# ----------------------------------------------------------------------------------------------
+def arithmetic_problems(eval_size: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """All 3000 `a+b=` with a < 100 and b < 30, split into (train, held-out eval) with a fixed seed."""
+    problems = [(f"{a}+{b}=", str(a + b)) for a in range(100) for b in range(30)]
+    random.Random(0).shuffle(problems)
+    return problems[eval_size:], problems[:eval_size]
+
+
+def reward(completion: str, answer: str) -> float:
+    """1.0 when the completion's final answer equals the reference answer after normalisation, else 0.0
+    (the final answer: after `####`, else in the last `\\boxed{}`, else the last number; appendix)."""
+    return float(answers_match(extract_answer(completion), answer))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a tiny character-level Llama built in code (or any HF causal LM), warm-started on answers.
+# ----------------------------------------------------------------------------------------------
+def build_tiny_model(tokenizer, seed: int = 0):
+    """A 4-layer, 64-wide Llama (about 0.26M parameters) initialised with a fixed seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def builtin_model():
+    tokenizer = build_char_tokenizer()
+    return build_tiny_model(tokenizer), tokenizer
+
+
+def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int = 64, lr: float = 3e-3) -> None:
+    """Supervised fine-tuning on `prompt + answer + EOS`, the loss on answer tokens only (seed 0)."""
+    rng = random.Random(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in tqdm(range(steps), desc="warm start", leave=False):
+        batch = rng.sample(problems, batch_size) if len(problems) >= batch_size else rng.choices(problems, k=batch_size)
+        prompt_ids = encode_prompts(tokenizer, [p for p, _ in batch])
+        answer_ids = [tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for _, a in batch]
+        width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+            input_ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[row, len(p): len(p) + len(a)] = torch.tensor(a)
+        attention_mask = (labels != -100) | (torch.arange(width) < torch.tensor([len(p) for p in prompt_ids])[:, None])
+        loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                     labels=labels.to(device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def load_model(cfg: Config, train_problems, device):
+    """The policy at the start of RL (also the A*-PO reference), warm-started once and cached in --out."""
+    steps = cfg.warm_start_steps if cfg.warm_start_steps >= 0 else (0 if cfg.model else BUILTIN_WARM_START_STEPS)
+    source = cfg.model or "builtin-tiny-llama"
+
+    def load(path):
+        return load_pretrained(path, cfg.trust_remote_code, cfg.plain_prompts) if path else builtin_model()
+
+    if steps == 0:
+        model, tokenizer = load(cfg.model)
+        return model, tokenizer, source
+    cache_dir = warm_start_folder(cfg, source, steps)
+    if os.path.isdir(cache_dir):
+        model, tokenizer = load(cache_dir)
+        return model, tokenizer, cache_dir
+    model, tokenizer = load(cfg.model)
+    model.to(device)
+    started = time.time()
+    warm_start(model, tokenizer, train_problems, steps, device)
+    save_model_atomically(model, tokenizer, cache_dir)  # a half-written warm start is never picked up
+    tqdm.write(f"warm start: {steps} supervised steps in {time.time() - started:.0f}s, cached in {cache_dir}")
+    return model, tokenizer, cache_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Lagged generator: a frozen copy of the policy that samples groups and records behaviour log-probs.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """A batch of completions, prompt-major: row `i * G + j` is completion j of prompt i."""
+    prompt_ids: torch.Tensor       # (N, P) left-padded
+    prompt_mask: torch.Tensor      # (N, P) bool
+    completion_ids: torch.Tensor   # (N, T) pad after the first EOS
+    completion_mask: torch.Tensor  # (N, T) bool: True up to and including the first EOS
+    behavior_logp: torch.Tensor    # (N, T) fp32 log mu(y_t | x, y_<t) under the sampling temperature
+    truncated: torch.Tensor        # (N,) bool: no EOS within max_new_tokens
+    staleness: int = 0             # optimizer steps since the generator that sampled it was refreshed
+
+    def rows(self, part: slice) -> Rollout:
+        """The rows `part` of every tensor (a micro-batch)."""
+        return self.apply(lambda tensor: tensor[part])
+
+    def apply(self, function) -> Rollout:
+        """The rollout with `function` applied to each of its tensors."""
+        return dataclasses.replace(self, **{f.name: function(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if f.name != "staleness"})
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (N, max_len), real tokens at the right end of each row."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = True
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row starts at position 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def sampling_noise(key: str, rows: int, max_new_tokens: int) -> torch.Tensor:
+    """The uniforms (rows, max_new_tokens) that `sample_token` turns into tokens, float64 on the CPU,
+    a function of `key` alone: a step's draws do not depend on the device, on when sampling stops,
+    or on how the rows are split across processes (each takes its rows of the same tensor)."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
+    return torch.rand(rows, max_new_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def step_noise(cfg: Config, step: int, prompts: int) -> torch.Tensor:
+    """A training step's uniforms, G rows per prompt, keyed by (--seed, step): a resumed run draws the same."""
+    return sampling_noise(f"{cfg.seed}|{step}", prompts * cfg.group_size, cfg.max_new_tokens)
+
+
+def sample_token(logp: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from exp(logp) (rows, V) by inverse CDF, given one uniform per row (rows,)."""
+    cdf = logp.exp().double().cumsum(-1)  # summed in float64: exact enough for the rarest tokens
+    return torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+
+def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                       eos_id: int, pad_id: int, noise: torch.Tensor | None, repeats: int = 1) -> Rollout:
+    """Sample `repeats` completions per prompt (rows prompt-major) with the KV cache; temperature 0 is
+    greedy (noise None), else noise holds each row's uniforms (rows, >= max_new_tokens), see `sampling_noise`.
+
+    Each prompt is encoded once and its KV cache copied to its `repeats` rows. behavior_logp[t] =
+    log_softmax(logits_t / temperature)[y_t], in fp32: exactly the distribution the token was drawn
+    from, so `policy_logp - behavior_logp` is the true per-token log-ratio.
+    """
+    with torch.no_grad():
+        return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats))
+
+
+def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats) -> tuple[torch.Tensor, ...]:
+    device = next(model.parameters()).device
+    noise = None if temperature == 0 else noise.to(device)
+    unique_prompt, unique_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
+    cache = new_cache(model)
+    out = model(input_ids=unique_prompt, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
+                use_cache=True, **cache, **last_logits_only(model))  # the prompt's last position is sampled from
+    logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
+    prompt, prompt_mask = unique_prompt.repeat_interleave(repeats, 0), unique_mask.repeat_interleave(repeats, 0)
+    decode = start_decoding(model, cache, repeats, prompt_mask, max_new_tokens)  # a token in, the next logits out
+    rows = prompt.shape[0]
+    next_position = position_ids(prompt_mask)[:, -1:] + 1
+    tokens, logps = [], []
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        if temperature > 0:
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            token = sample_token(logp, noise[:, t])
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            token = logits.argmax(-1)
+        token_logp = logp.gather(-1, token[:, None]).squeeze(-1)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logps.append(torch.where(finished, torch.zeros_like(token_logp), token_logp))
+        just_ended = (token == eos_id) & ~finished
+        lengths = torch.where(just_ended, torch.full_like(lengths, t + 1), lengths)
+        finished |= just_ended
+        if finished.all() or t == max_new_tokens - 1:
+            break
+        logits = decode(token[:, None], next_position)
+        next_position = next_position + 1
+    completion_ids = torch.stack(tokens, dim=1)
+    completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
+    behavior_logp = torch.stack(logps, dim=1) * completion_mask
+    return prompt, prompt_mask, completion_ids, completion_mask, behavior_logp, ~finished
+
+
+def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
+                  temperature: float, noise: torch.Tensor, staleness: int = 0) -> Rollout:
+    """G completions per prompt from the (possibly stale) generator; the batch carries its staleness."""
+    rollout = sample_completions(generator, encode_prompts(tokenizer, prompts), max_new_tokens, temperature,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, noise, repeats=group_size)
+    rollout.staleness = staleness
+    return rollout
+
+
+@torch.no_grad()
+def refresh_generator(generator, policy) -> None:
+    """mu <- pi_theta, copying the weights in place (no new allocation)."""
+    for generator_tensor, policy_tensor in zip(generator.state_dict().values(), policy.state_dict().values()):
+        generator_tensor.copy_(policy_tensor)
+
+
+def frozen_copy(model):
+    """A copy with no gradients and no optimizer state: the generator mu, or the reference pi_ref."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy's log-probs of the sampled completions, with the graph.
+# ----------------------------------------------------------------------------------------------
+def completion_logprobs(model, rollout: Rollout, temperature: float, chunk_rows: int = 8):
+    """Per-token log pi(y_t | x, y_<t) (N, T) in fp32 with the graph, and the token entropy (N, T), detached.
+
+    Columns that are padding in every row are dropped first, logits are computed at the completion's
+    positions only (a group's prompt runs once: `completion_logits`, appendix), and log pi(y_t) =
+    logit(y_t) - logsumexp(logits) is taken chunk_rows rows at a time: no fp32 log-softmax over the
+    whole (N, T, V) batch is ever materialised.
+    """
+    first_prompt_column = int(rollout.prompt_mask.any(0).int().argmax())  # left padding in every row
+    width = int(rollout.completion_mask.sum(-1).max())                     # right padding in every row
+    completion_ids, completion_mask = rollout.completion_ids[:, :width], rollout.completion_mask[:, :width]
+    logits = completion_logits(model, rollout.prompt_ids[:, first_prompt_column:],
+                               rollout.prompt_mask[:, first_prompt_column:], completion_ids, completion_mask)
+    token_logp, entropy = [], []
+    for chunk, chunk_ids in zip(logits.split(chunk_rows), completion_ids.split(chunk_rows)):
+        chunk = chunk.float() / temperature
+        log_normalizer = torch.logsumexp(chunk, dim=-1)
+        token_logp.append(chunk.gather(-1, chunk_ids[..., None]).squeeze(-1) - log_normalizer)
+        with torch.no_grad():
+            entropy.append(log_normalizer - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
+    padding = (0, rollout.completion_ids.shape[1] - width)
+    token_logp = F.pad(torch.cat(token_logp) * completion_mask, padding)
+    return token_logp, F.pad(torch.cat(entropy) * completion_mask, padding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages: one small function per baseline. rewards: (groups, G); outputs broadcast to it.
+# ----------------------------------------------------------------------------------------------
+def group_mean(rewards: torch.Tensor) -> torch.Tensor:
+    return rewards.mean(-1, keepdim=True)
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """A_group = (r - mean) / (std + eps), the GRPO advantage (population std over the group)."""
+    return (rewards - group_mean(rewards)) / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
+
+
+def soft_value(rewards: torch.Tensor, beta_value: float) -> torch.Tensor:
+    """V = beta_v * log mean_j exp(r_j / beta_v): the mean as beta_v -> inf, the max as beta_v -> 0."""
+    return beta_value * (torch.logsumexp(rewards / beta_value, -1, keepdim=True) - math.log(rewards.shape[-1]))
+
+
+def shifted_mean_advantages(rewards: torch.Tensor, beta: float, shift: float = 1.0) -> torch.Tensor:
+    """A = r - (mean - shift * beta): the paper's beta-shifted mean (our reading of it)."""
+    return rewards - group_mean(rewards) + shift * beta
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses. Token tensors are (N, T) with N = groups * G, prompt-major; rewards are (groups, G). Each
+# returns (scalar loss, diagnostics); diagnostics["advantages"] is the (groups, G) advantage it used.
+# ----------------------------------------------------------------------------------------------
+def sequence_sum(token_values: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
+    """sum_t over the completion (N,), or the mean over its tokens with length_normalize."""
+    total = (token_values * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if length_normalize else total
+
+
+def squared_regression(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float) -> torch.Tensor:
+    """eq. 1: mean over samples of (beta * log_ratio(y) - A(x, y))^2; both (groups, G)."""
+    return ((beta * log_ratio - advantages) ** 2).mean()
+
+
+def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each completion's tokens, then over completions."""
+    return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def ppo_loss(policy_logp, behavior_logp, completion_mask, rewards, clip_eps: float = 0.2):
+    """PPO/GRPO clip against the generator, no KL term:
+    L = -mean_t min(ratio_t * A_group, clip(ratio_t, 1 - eps, 1 + eps) * A_group),
+    ratio_t = exp(log pi(y_t) - log mu(y_t)), A_group = (r - mean) / (std + eps).
+    """
+    advantages = grpo_advantages(rewards)
+    token_advantage = advantages.reshape(-1, 1)  # (N, 1)
+    ratio = torch.exp((policy_logp - behavior_logp).clamp(-20, 20))
+    objective = torch.minimum(ratio * token_advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * token_advantage)
+    loss = -_token_mean(objective, completion_mask)
+    return loss, {**_ratio_stats(ratio, completion_mask, (ratio - 1).abs() > clip_eps), "advantages": advantages}
+
+
+def tis_loss(policy_logp, behavior_logp, completion_mask, rewards, is_cap: float = 2.0):
+    """Truncated importance-sampling policy gradient:
+    L = -mean_t stopgrad(min(ratio_t, C)) * A_group * log pi(y_t).
+    """
+    advantages = grpo_advantages(rewards)
+    ratio = torch.exp((policy_logp - behavior_logp).clamp(-20, 20)).detach()
+    weight = ratio.clamp(max=is_cap)
+    loss = -_token_mean(weight * advantages.reshape(-1, 1) * policy_logp, completion_mask)
+    return loss, {**_ratio_stats(ratio, completion_mask, ratio > is_cap), "advantages": advantages}
+
+
+def reinforce_loss(policy_logp, completion_mask, rewards, delta: float = 0.1, length_normalize: bool = False):
+    """Ratio-free off-policy REINFORCE with a baseline below the mean (AsymRE, arXiv 2506.20520):
+    L = -mean_y (r - mean + delta) * sum_t log pi(y_t).
+    """
+    advantages = rewards - group_mean(rewards) + delta
+    sequence_logp = sequence_sum(policy_logp, completion_mask, length_normalize).view_as(rewards)
+    return -(advantages * sequence_logp).mean(), {"advantages": advantages}
+
+
+def oapl_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, beta_value: float,
+              length_normalize: bool = False):
+    """OAPL (arXiv 2602.19362), eq. 1 anchored on the generator with a soft-value baseline:
+    L = mean (beta * log(pi/mu)(y) - (r - beta_v log mean_j exp(r_j / beta_v)))^2.
+    beta_v > beta: pessimistic regime; = beta: boundary; < beta: negative regime.
+    """
+    advantages = rewards - soft_value(rewards, beta_value)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
+
+
+def apo_loss(policy_logp, ref_logp, completion_mask, rewards, ref_value, beta: float,
+             length_normalize: bool = False):
+    """A*-PO (arXiv 2505.20686), eq. 1 anchored on the reference policy:
+    L = mean (beta * log(pi/pi_ref)(y) - (r - V_ref))^2, with V_ref = beta_v log mean exp(r/beta_v)
+    estimated once per prompt from pi_ref's own samples; ref_value: (groups, 1).
+    """
+    advantages = rewards - ref_value
+    log_ratio = sequence_sum(policy_logp - ref_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
+
+
+def pmd_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, length_normalize: bool = False):
+    """PMD-mean / Kimi k1.5 squared loss (arXiv 2602.05933), eq. 1 with the group-mean baseline:
+    L = mean (beta * log(pi/mu)(y) - (r - mean_j r_j))^2. Never in the negative regime (Jensen).
+    """
+    advantages = rewards - group_mean(rewards)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
+
+
+def shifted_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, shift: float = 1.0,
+                 length_normalize: bool = False):
+    """The paper's proposal, eq. 1 with the beta-shifted-mean advantage:
+    L = mean (beta * log(pi/mu)(y) - (r - mean_j r_j + shift * beta))^2.
+    E_mu exp(A/beta) >= e^shift > 1, so every group is strictly in the pessimistic regime.
+    """
+    advantages = shifted_mean_advantages(rewards, beta, shift)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
+
+
+def centred_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, length_normalize: bool = False):
+    """The control: eq. 1 without its mean term (see `regression_split`), i.e. the baseline-free pairwise
+    regression of REBEL (arXiv 2404.16767) in its centred form, d = log(pi/mu)(y):
+    L = mean (beta * (d_i - mean_j d_j) - (r_i - mean_j r_j))^2.
+    A constant added to a group's rewards or baseline cancels: no baseline, so no regime.
+    """
+    advantages = rewards - group_mean(rewards)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    return squared_regression(log_ratio - group_mean(log_ratio), advantages, beta), {"advantages": advantages}
+
+
+def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor) -> dict:
+    ratio, clipped = ratio.detach()[mask], clipped[mask]
+    return {"ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(),
+            "clip_fraction": clipped.float().mean().item()}
+
+
+def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=None, ref_value=None):
+    """Dispatch to the loss chosen by --loss with its hyper-parameters.
+
+    With --truncated mask, completions cut at --max-new-tokens carry no gradient (their mask is empty)
+    but still count in their group's baseline.
+    """
+    mask = rollout.completion_mask
+    if cfg.truncated == "mask":
+        mask = mask & ~rollout.truncated[:, None]
+    behavior_logp, norm = rollout.behavior_logp, cfg.length_normalize
+    if cfg.loss == "ppo":
+        return ppo_loss(policy_logp, behavior_logp, mask, rewards, cfg.clip_eps)
+    if cfg.loss == "tis":
+        return tis_loss(policy_logp, behavior_logp, mask, rewards, cfg.is_cap)
+    if cfg.loss == "reinforce":
+        return reinforce_loss(policy_logp, mask, rewards, cfg.delta, norm)
+    if cfg.loss == "oapl":
+        return oapl_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.beta_value, norm)
+    if cfg.loss == "apo":
+        return apo_loss(policy_logp, ref_logp, mask, rewards, ref_value, cfg.beta, norm)
+    if cfg.loss == "pmd":
+        return pmd_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
+    if cfg.loss == "centred":
+        return centred_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
+    return shifted_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.shift, norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics: the split of eq. 1 into a centred part and a mean term, the Lambert-W target of eq. 2
+# and its regime, mass leakage, and the metrics line of a step.
+# ----------------------------------------------------------------------------------------------
+def regression_split(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float):
+    """eq. 1 on each group splits exactly into a centred part and a mean term (README, "The math"),
+    mean_i (beta d_i - A_i)^2 = mean_i (beta (d_i - dbar) - (A_i - Abar))^2 + (beta dbar - Abar)^2;
+    both averaged over groups, as the losses are. (groups, G) in, two scalars out."""
+    log_ratio_mean, advantage_mean = group_mean(log_ratio), group_mean(advantages)
+    centred = ((beta * (log_ratio - log_ratio_mean) - (advantages - advantage_mean)) ** 2).mean()
+    return centred, ((beta * log_ratio_mean - advantage_mean) ** 2).mean()
+
+
+def mean_term_diagnostics(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float) -> dict:
+    """The split for the group-constant baselines (pmd, shifted, oapl): the mean term's target for the
+    group's mean log-ratio, Abar / beta (achieved: log_ratio_mean), and the loss split into its parts."""
+    centred, mean_term = regression_split(log_ratio, advantages, beta)
+    return {"mean_term_target": (group_mean(advantages) / beta).mean().item(), "loss_centred": centred.item(),
+            "loss_mean_term": mean_term.item()}
+
+
+def lambert_w0(z: torch.Tensor, max_iterations: int = 50) -> torch.Tensor:
+    """Principal branch W0(z) for z >= -1/e (W0(z) * exp(W0(z)) = z), by Halley's method in float64."""
+    z = z.double()
+    branch_gap = (2 * (math.e * z + 1)).clamp(min=0).sqrt()
+    near_branch = -1 + branch_gap - branch_gap ** 2 / 3 + 11 / 72 * branch_gap ** 3
+    big = torch.log(z.clamp(min=3)) - torch.log(torch.log(z.clamp(min=3)))
+    w = torch.where(z < -0.25, near_branch, torch.where(z > 3, big, torch.log1p(z.clamp(min=-0.25))))
+    for _ in range(max_iterations):
+        ew = torch.exp(w)
+        residual = w * ew - z
+        step = residual / (ew * (w + 1) - (w + 2) * residual / (2 * w + 2))
+        step = torch.where(torch.isfinite(step) & (w > -1), step, torch.zeros_like(step))
+        w = w - step
+        if not bool((step.abs() > 1e-15 * (1 + w.abs())).any()):  # Halley converges cubically
+            break
+    return torch.where(z <= -1 / math.e, torch.full_like(w, -1.0), w)
+
+
+def induced_target_c(advantages: torch.Tensor, beta: float, mu: torch.Tensor | None = None,
+                     iterations: int = 100) -> torch.Tensor:
+    """Per group, the c of eq. 2: sum_i mu_i W0(c exp(A_i/beta)) / c = 1.
+
+    advantages: (groups, G); mu: (groups, G) generator probabilities of the samples, uniform (the
+    empirical mu) when None. Returns (groups,) float64: c > 0 pessimistic, c = 0 boundary (when
+    |log E_mu exp(A/beta)| < 1e-6, float32 round-off), c < 0 negative regime, NaN where no normalised target exists.
+    """
+    scaled = advantages.double() / beta
+    mu = torch.full_like(scaled, 1 / scaled.shape[-1]) if mu is None else mu.double()
+    z = scaled.exp()
+    log_mean_z = torch.logsumexp(scaled + mu.log(), -1)
+
+    def mass(c):  # sum_i mu_i W0(c z_i) / c, decreasing in c
+        return (mu * lambert_w0(c[:, None] * z)).sum(-1) / c
+
+    positive, negative = log_mean_z > 1e-6, log_mean_z < -1e-6
+    c_min = -1 / (math.e * z.max(-1).values)  # W0 is defined down to -1/e
+    lo = torch.where(negative, c_min, torch.full_like(c_min, 1e-12))
+    hi = torch.where(negative, torch.full_like(c_min, -1e-12), torch.ones_like(c_min))
+    while bool((positive & (mass(hi) > 1)).any()):
+        hi = torch.where(positive & (mass(hi) > 1), hi * 2, hi)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        too_much = mass(mid) > 1
+        lo, hi = torch.where(too_much, mid, lo), torch.where(too_much, hi, mid)
+    c = (lo + hi) / 2
+    c = torch.where(negative & (mass(c_min) < 1), torch.full_like(c, float("nan")), c)
+    return torch.where(positive | negative, c, torch.zeros_like(c))
+
+
+def induced_target_ratio(advantages: torch.Tensor, beta: float, c: torch.Tensor) -> torch.Tensor:
+    """pi_c / mu per sample (groups, G), eq. 2: W0(c exp(A/beta)) / c, and exp(A/beta) where c = 0."""
+    z = (advantages.double() / beta).exp()
+    safe_c = torch.where(c == 0, torch.ones_like(c), c)[:, None]
+    return torch.where(c[:, None] == 0, z, lambert_w0(safe_c * z) / safe_c)
+
+
+def regime_diagnostics(advantages: torch.Tensor, rewards: torch.Tensor, beta: float) -> dict:
+    """Fractions of groups per regime, and P(correct) under mu, the nominal and the induced target."""
+    c = induced_target_c(advantages, beta)
+    nominal = torch.softmax(advantages.double() / beta, dim=-1)  # mu exp(A/beta) / Z on the empirical mu
+    solved = ~torch.isnan(c)
+    induced = induced_target_ratio(advantages[solved], beta, c[solved]) / advantages.shape[-1]
+    correct = rewards.double()
+    return {
+        "regime_positive": (c > 0).double().mean().item(),
+        "regime_boundary": (c == 0).double().mean().item(),
+        "regime_negative": ((c < 0) | ~solved).double().mean().item(),
+        "regime_no_target": (~solved).double().mean().item(),
+        "lambert_c_mean": c[solved].mean().item() if solved.any() else float("nan"),
+        "p_correct_generator": correct.mean().item(),
+        "p_correct_nominal": (nominal * correct).sum(-1).mean().item(),
+        "p_correct_induced": (induced * correct[solved]).sum(-1).mean().item() if solved.any() else float("nan"),
+    }
+
+
+def mass_leakage(policy_sequence_logp: torch.Tensor, behavior_sequence_logp: torch.Tensor,
+                 completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int) -> dict:
+    """sum_i pi(y_i) / sum_i mu(y_i) over each group's distinct completions, averaged over groups.
+
+    Below 1: the policy moved mass onto completions nobody sampled. Also the generator's own mass on
+    its distinct samples, which shows how much of mu a group of G samples covers.
+    """
+    ratios, covered = [], []
+    for start in range(0, completion_ids.shape[0], group_size):
+        distinct = {}
+        for row in range(start, start + group_size):
+            key = tuple(completion_ids[row][completion_mask[row]].tolist())
+            distinct.setdefault(key, row)
+        rows = torch.tensor(list(distinct.values()))
+        policy_mass = torch.logsumexp(policy_sequence_logp[rows].double(), 0)
+        generator_mass = torch.logsumexp(behavior_sequence_logp[rows].double(), 0)
+        ratios.append((policy_mass - generator_mass).exp().item())
+        covered.append(generator_mass.exp().item())
+    return {"mass_leakage": sum(ratios) / len(ratios), "generator_mass_sampled": sum(covered) / len(covered)}
+
+
+def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.device) -> dict:
+    """One line of metrics.jsonl (README, "Reading metrics.jsonl"): the batch as the policy saw it
+    before the update, the loss's own diagnostics, the regime and mean-term diagnostics, timings."""
+    rollout, rewards, mask = result.rollout, result.rewards, result.rollout.completion_mask
+    advantages = result.diagnostics["advantages"].detach()
+    policy_sequence_logp = sequence_sum(result.policy_logp, mask)
+    behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)
+    token_log_ratio = (result.policy_logp - rollout.behavior_logp)[mask]
+    sequence_log_ratio = policy_sequence_logp - behavior_sequence_logp  # d_i = log pi/mu of each completion
+    tokens = int(mask.sum())
+    record = {
+        "step": step, "staleness": rollout.staleness, "loss": result.loss.item(), "reward_mean": rewards.mean().item(),
+        "advantage_mean": advantages.mean().item(), "grad_norm": result.grad_norm.item(),
+        "entropy": result.entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
+        "log_ratio_mean": sequence_log_ratio.mean().item(),
+        "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
+        "kl_sequence": (sequence_log_ratio.clamp(max=20).exp() - 1 - sequence_log_ratio).mean().item(),
+        "equal_reward_groups": (rewards == rewards[:, :1]).all(-1).float().mean().item(),
+        **mass_leakage(policy_sequence_logp, behavior_sequence_logp, rollout.completion_ids, mask, cfg.group_size),
+        **{key: value for key, value in result.diagnostics.items() if key != "advantages"},
+    }
+    if cfg.loss in ("oapl", "apo", "pmd", "shifted"):
+        record.update(regime_diagnostics(advantages, rewards, cfg.beta))
+    if cfg.loss in ("oapl", "pmd", "shifted"):
+        record.update(mean_term_diagnostics(sequence_log_ratio.view_as(rewards), advantages, cfg.beta))
+    record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch,
+                  **speed_and_memory(result, tokens, device))
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# One RL step: refresh the generator when its lag is up, sample G completions per prompt, score them,
+# compute the loss and its gradient (in micro-batches), and take an AdamW step.
+# ----------------------------------------------------------------------------------------------
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
+
+
+def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
+    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+            for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+
+
+def score(tokenizer, rollout: Rollout, answers: list[str], group_size: int, checker=reward,
+          zero_truncated: bool = False) -> torch.Tensor:
+    """Rewards (groups, G) for a rollout whose prompts were repeated G times, answers one per prompt.
+
+    zero_truncated: a completion cut at max_new_tokens gets 0 whatever it says (--truncated zero).
+    """
+    texts = completion_texts(tokenizer, rollout)
+    rewards = [checker(text, answers[row // group_size]) for row, text in enumerate(texts)]
+    rewards = torch.tensor(rewards, device=rollout.completion_ids.device)
+    if zero_truncated:
+        rewards = rewards.masked_fill(rollout.truncated, 0.0)
+    return rewards.view(-1, group_size)
+
+
+def reference_values(reference, tokenizer, batch, cache: dict, cfg: Config) -> torch.Tensor:
+    """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref, then cached.
+    Each prompt's draws are seeded by the prompt, so V_ref does not depend on when or where it is first needed."""
+    new = [(p, a) for p, a in dict(batch).items() if p not in cache]
+    if new:
+        noise = torch.cat([sampling_noise(f"{cfg.seed}|reference|{p}", cfg.group_size, cfg.max_new_tokens)
+                           for p, _ in new])
+        rollout = sample_groups(reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
+                                cfg.temperature, noise)
+        rewards = score(tokenizer, rollout, [a for _, a in new], cfg.group_size, CHECKERS[cfg.checker],
+                        zero_truncated=cfg.truncated == "zero")
+        values = soft_value(rewards, cfg.beta_value)
+        cache.update({p: v for (p, _), v in zip(new, values.squeeze(-1).tolist())})
+    device = next(reference.parameters()).device
+    return torch.tensor([cache[p] for p, _ in batch], device=device)[:, None]
+
+
+@dataclass
+class StepResult:
+    rollout: Rollout
+    rewards: torch.Tensor      # (groups, G)
+    loss: torch.Tensor         # the full-batch loss, detached
+    diagnostics: dict
+    policy_logp: torch.Tensor  # (N, T) detached: the policy before the update
+    entropy: torch.Tensor      # (N, T)
+    grad_norm: torch.Tensor    # before clipping
+    micro_batch: int           # rows per forward/backward pass
+    seconds: dict              # generation (refresh, sampling, A*-PO's V_ref samples), logprobs (pi_ref's), update
+    ref_logp: torch.Tensor | None = None   # A*-PO: (N, T) log pi_ref
+    ref_value: torch.Tensor | None = None  # A*-PO: (groups, 1) V_ref
+
+
+@dataclass
+class ModelsAndOptimizer:
+    policy: torch.nn.Module            # pi_theta, fp32 weights
+    generator: torch.nn.Module         # mu: a frozen copy, refreshed every `lag` steps
+    reference: torch.nn.Module | None  # pi_ref, the policy as RL started (A*-PO only)
+    optimizer: torch.optim.Optimizer
+    precision: str                     # fp32, or bf16 autocast
+    bytes_per_token: float             # activations kept for backward, per token: sizes --micro-batch 0 (else 0)
+    ddp_logprobs: torch.nn.Module | None = None  # torchrun: DistributedDataParallel(LogprobsForDDP(policy))
+
+
+def prepare_models(cfg: Config, policy, device: torch.device, precision: str, world: int = 1) -> ModelsAndOptimizer:
+    """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
+    same log-probs), its generator mu and the reference pi_ref (A*-PO only), the optimizer, and with
+    world > 1 processes (torchrun) the DDP wrapper whose backward averages their gradients.
+
+    With bf16 the two copies are stored in bf16: they only sample and score, and autocast rounds the
+    weights to bf16 for every matmul anyway (norms and the residual stream also run in bf16 there).
+    """
+    policy.to(device).eval()
+    copy_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    generator = frozen_copy(policy).to(copy_dtype)
+    reference = frozen_copy(policy).to(copy_dtype) if cfg.loss == "apo" else None
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(policy)
+    compile_decoding_if_asked(cfg, device, (policy, generator, reference))  # --compile; the policy samples in eval
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    bytes_per_token = activation_bytes_per_token(policy, precision) if cfg.micro_batch == 0 else 0.0
+    ddp_logprobs = None if world == 1 else logprobs_for_ddp(policy, device)
+    return ModelsAndOptimizer(policy, generator, reference, optimizer, precision, bytes_per_token, ddp_logprobs)
+
+
+def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tuple[str, str]], staleness: int,
+            noise: torch.Tensor, ref_values: dict) -> StepResult:
+    """One optimizer step: G completions per prompt from the generator (first refreshed from the policy,
+    in place, when staleness is 0), rewards, loss, backward, AdamW."""
+    policy, generator, reference, optimizer = models.policy, models.generator, models.reference, models.optimizer
+    device, precision = next(policy.parameters()).device, models.precision
+    seconds, tick = {}, time.perf_counter()
+    if staleness == 0:
+        refresh_generator(generator, policy)
+    with autocast(device, precision):
+        rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
+                                cfg.temperature, noise, staleness)
+        ref_value = None if reference is None else reference_values(reference, tokenizer, batch, ref_values, cfg)
+    rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, CHECKERS[cfg.checker],
+                    zero_truncated=cfg.truncated == "zero")  # (groups, G)
+    synchronize(device)
+    seconds["generation"], tick = time.perf_counter() - tick, time.perf_counter()
+
+    micro_batch = cfg.micro_batch or auto_micro_batch(rollout, cfg.group_size, models.bytes_per_token)
+    if cfg.loss == "centred":  # its loss couples a group's completions: micro-batches of whole groups
+        micro_batch = -(-micro_batch // cfg.group_size) * cfg.group_size
+    ref_logp = None
+    if reference is not None:  # the only extra pass: behaviour log-probs were recorded while sampling
+        with torch.no_grad(), autocast(device, precision):
+            ref_logp = torch.cat([completion_logprobs(reference, rollout.rows(part), cfg.temperature)[0]
+                                  for part in micro_batches(rollout, micro_batch)])
+    synchronize(device)
+    seconds["logprobs"], tick = time.perf_counter() - tick, time.perf_counter()
+
+    optimizer.zero_grad(set_to_none=True)
+    loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
+        models.ddp_logprobs or policy, rollout, cfg.temperature, micro_batch,
+        lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision)
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"loss is {loss.item()}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    if not torch.isfinite(grad_norm):
+        raise TrainingDiverged(f"gradient norm is {grad_norm.item()}")
+    optimizer.step()
+    synchronize(device)
+    seconds["update"] = time.perf_counter() - tick
+    return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, micro_batch,
+                      seconds, ref_logp, ref_value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop: start (or resume), then every step refresh-or-not, sample, score, update, log.
+# ----------------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256,
+             checker=reward, process: TorchrunProcess | None = None) -> float:
+    """Greedy accuracy on held-out problems. Under torchrun each process takes its batches (the same
+    batches as one process) and the counts are summed across processes."""
+    process = process or TorchrunProcess()
+    correct = 0.0
+    for start in process.batch_starts(len(problems), batch_size):
+        batch = problems[start:start + batch_size]
+        rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None)
+        correct += score(tokenizer, rollout, [a for _, a in batch], 1, checker).sum().item()
+    return process.total(correct, next(model.parameters()).device) / len(problems)
+
+
+@dataclass
+class Run:
+    """What a run carries from step to step; its checkpoint holds the parts that change."""
+    cfg: Config
+    models: ModelsAndOptimizer
+    tokenizer: object
+    train_problems: list[tuple[str, str]]
+    eval_problems: list[tuple[str, str]]
+    process: TorchrunProcess  # this process's place under torchrun (rank 0 writes the files)
+    folder: str               # the run's folder under --out
+    source: str               # where the policy at the start of RL came from
+    device: torch.device
+    prompt_rng: random.Random
+    ref_values: dict[str, float] = field(default_factory=dict)  # A*-PO's V_ref per prompt
+    totals: dict = field(default_factory=lambda: {"seconds": 0.0, "rollout_seconds": 0.0, "rollout_tokens": 0})
+    evals: list[float] = field(default_factory=list)            # greedy accuracy at each evaluation so far
+
+
+def start_run(cfg: Config, problems: tuple[list, list] | None, process: TorchrunProcess) -> tuple[Run, int]:
+    """The run and the step it starts after: 0 (having evaluated the warm start), or its checkpoint's."""
+    device, precision = device_and_precision(cfg)
+    train_problems, eval_problems = problems or load_task(cfg)
+    if len(train_problems) < cfg.prompts_per_step:
+        raise UsageError(f"{len(train_problems)} training problems are fewer than --prompts-per-step "
+                         f"{cfg.prompts_per_step}")
+    with process.rank_zero_first():  # a warm start is built once and cached; the other processes load it
+        policy, tokenizer, source = load_model(cfg, train_problems, device)
+    models = prepare_models(cfg, policy, device, precision, process.world)
+    run = Run(cfg, models, tokenizer, train_problems, eval_problems, process, run_folder(cfg), source, device,
+              prompt_rng=random.Random(cfg.seed))
+    if cfg.resume:
+        return run, resume_run(run)
+    run.evals.append(accuracy(run))
+    write_run_start(run)  # config.json, the step-0 line of metrics.jsonl, the first checkpoint
+    return run, 0
+
+
+def accuracy(run: Run) -> float:
+    """The policy's greedy accuracy on the held-out problems, in batches as big as a rollout."""
+    cfg = run.cfg
+    with autocast(run.device, run.models.precision):
+        return evaluate(run.models.policy, run.tokenizer, run.eval_problems, cfg.max_new_tokens,
+                        cfg.prompts_per_step * cfg.group_size, CHECKERS[cfg.checker], run.process)
+
+
+def train(cfg: Config, problems: tuple[list, list] | None = None, process: TorchrunProcess | None = None) -> dict | None:
+    """One run. Under torchrun every process runs this on its share of each batch; rank 0 writes the
+    files and returns the summary, the others None."""
+    process = process or TorchrunProcess()
+    run, start_step = start_run(cfg, problems, process)
+    started = time.time() - run.totals["seconds"]
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run.folder), initial=start_step,
+               total=cfg.steps, dynamic_ncols=True, disable=not process.writes or process.quiet)
+    for step in bar:
+        # 1. the generator is refreshed from the policy every `lag` steps (staleness 0), stale in between;
+        # 2. it samples, the completions are scored, the policy is updated
+        staleness = (step - 1) % cfg.lag
+        prompts = run.prompt_rng.sample(run.train_problems, cfg.prompts_per_step)
+        batch, noise = process.share(prompts, step_noise(cfg, step, len(prompts)))  # all of it, for one process
+        try:
+            result = rl_step(cfg, run.models, run.tokenizer, batch, staleness, noise, run.ref_values)
+        except TrainingDiverged as error:
+            raise TrainingDiverged(f"{error} at step {step}; the last good checkpoint stays in "
+                                   f"{checkpoint_path(run)}")
+        result = process.whole_batch(cfg, result, run.tokenizer.pad_token_id)  # torchrun: every share, on rank 0
+        step_accuracy = accuracy(run) if step % cfg.eval_every == 0 or step == cfg.steps else None
+        if process.writes:  # 3. the step's metrics (diagnostics on the batch as the policy saw it)
+            record = log_step(run, step, result, step_accuracy, started)
+            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{run.evals[-1]:.3f}", stale=staleness)
+    bar.close()
+    return write_summary(run) if process.writes else None
+
+
+def log_step(run: Run, step: int, result: StepResult, step_accuracy: float | None, started: float) -> dict:
+    """Append the step's line to metrics.jsonl; at an evaluation, add its accuracy and checkpoint."""
+    record = step_metrics(run.cfg, step, result, run.device)
+    run.totals["rollout_seconds"] += result.seconds["generation"]
+    run.totals["rollout_tokens"] += int(result.rollout.completion_mask.sum())
+    if step_accuracy is not None:
+        record["eval_accuracy"] = step_accuracy
+        run.evals.append(step_accuracy)
+    append_metrics(os.path.join(run.folder, "metrics.jsonl"), record)
+    run.totals["seconds"] = time.time() - started
+    if step_accuracy is not None:
+        save_run_checkpoint(run, step)
+    return record
+
+
+# ==============================================================================================
+# Appendix: the machinery. Part I calls it by name; each part says why it is here.
+# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# Flags: parse the command line, and refuse any setting that cannot work before anything is loaded.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Config(RLConfig):
+    """Every command-line flag: RLConfig's, then these."""
+    # the task and the model
     task: str = flag("arith", "built-in addition, or a JSONL data set given by --data", choices=TASKS)
     data: str = flag("", "JSONL training problems for --task gsm8k / math / jsonl")
     eval_data: str = flag("", "JSONL held-out problems (empty: hold out --eval-fraction of --data)")
@@ -106,6 +916,7 @@ class Config:
     model: str = flag("", "Hugging Face causal LM name or path (empty: the built-in tiny model)")
     plain_prompts: bool = flag(False, "--model: feed the raw prompt, not the tokenizer's chat template")
     trust_remote_code: bool = flag(False, "--model: allow the model's own code from the hub (off unless asked)")
+    # speed, memory and files
     precision: str = flag("auto", "matmul precision: bf16 autocast (fp32 weights and log-softmax), or fp32; "
                           "auto = bf16 on a CUDA GPU that has it", choices=("auto", "fp32", "bf16"))
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
@@ -113,12 +924,10 @@ class Config:
                             f"(0: the most whole groups whose activations fit {ACTIVATION_BUDGET_GB:g} GB)")
     compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA)",
                         choices=("auto", "on", "off"))
-    warm_start_steps: int = flag(-1, f"supervised steps on correct answers before RL (-1: {BUILTIN_WARM_START_STEPS} built-in, 0 with --model)")
-    eval_size: int = flag(200, "held-out problems for greedy accuracy")
-    eval_every: int = flag(25, "evaluate (and checkpoint) every N steps")
     out: str = flag("runs", "folder for run sub-folders and the cached warm start")
     device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
+    # the benchmark and the comparison grid
     bench: int = flag(0, "benchmark: time N RL steps after one warm-up step, print them and write bench_*.json "
                          "in --out (0: train)")
     bench_shape: str = flag("", "benchmark a randomly initialised model of this shape (offline) instead of --model",
@@ -226,37 +1035,44 @@ def check_config(cfg: Config, world: int = 1) -> None:
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, or delete the folder")
 
 
-GRID_FLAGS = ("compare", "preset", "losses", "lags", "seeds", "beta_values", "shifts", "betas", "warm_starts")
-
-
-def run_folder(cfg: Config) -> str:
-    """One folder per setting: the budget (steps, eval cadence), device, memory savers and resume are not part of it."""
-    budget = {"steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "compile", "bench",
-              "bench_shape", *GRID_FLAGS}
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in budget}
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
-    return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
+def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    precision = cfg.precision if cfg.precision != "auto" else (
+        "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    return device, precision
 
 
 # ----------------------------------------------------------------------------------------------
-# Task and reward checker: built-in addition or a JSONL math data set; the checker parses, never executes.
+# Math answers and data files: the checker's parser and normaliser (never an eval), and JSONL tasks.
 # ----------------------------------------------------------------------------------------------
-def arithmetic_problems(eval_size: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """All 3000 `a+b=` with a < 100 and b < 30, split into (train, held-out eval) with a fixed seed."""
-    problems = [(f"{a}+{b}=", str(a + b)) for a in range(100) for b in range(30)]
-    random.Random(0).shuffle(problems)
-    return problems[eval_size:], problems[:eval_size]
-
-
 MAX_CHECKED_CHARS = 100_000  # longer completions are not parsed: reward 0
+
+
 MAX_ANSWER_CHARS = 1_000     # a longer final answer is not compared
+
+
 MAX_ANSWER_DIGITS = 64
+
+
 _NUMBER_TEXT = r"[-+]?(?:[0-9]+(?:,[0-9]{3}(?![0-9]))*(?:\.[0-9]+)?|\.[0-9]+)"  # ASCII digits; 1,234 is one number
+
+
 _FINAL_MARK = re.compile(r"####[ \t]*\$?[ \t]*(" + _NUMBER_TEXT + r"|[^\n]*)")   # GSM8K: `#### 1,234`
+
+
 _LAST_NUMBER = re.compile(_NUMBER_TEXT + r"(?:/[0-9]+)?")                     # fallback: 46, -0.5, 1/2
+
+
 _LATEX_SPACING = re.compile(r"\\[!,;: ]|\\left|\\right|~|\$|\\\$|\^\{?\\circ\}?|\\circ|\\%|%")
+
+
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\{([^{}]*)\}")
+
+
 _UNIT_WORDS = re.compile(r"(" + _NUMBER_TEXT + r")\s*(?:[a-zA-Z]{2,}\.?\s*)+")  # 5.4 cents, 18 dollars
+
+
 _FRACTION = re.compile(r"([-+]?)\\frac\{([-+]?[0-9.]+)\}\{([-+]?[0-9.]+)\}")
 
 
@@ -345,14 +1161,11 @@ def answers_match(predicted: str | None, reference: str) -> bool:
         predicted_value == reference_value
 
 
-def reward(completion: str, answer: str) -> float:
-    """1.0 when the completion's final answer equals the reference answer after normalisation, else 0.0."""
-    return float(answers_match(extract_answer(completion), answer))
-
-
 # Real data sets: one JSON object per line. The prompt asks for a \boxed{} answer; the checker also
 # reads GSM8K's `#### n`.
 PROMPT_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
 MAX_REPORTED_BAD_LINES = 5
 
 
@@ -415,62 +1228,10 @@ def math_verify_reward(completion: str, answer: str) -> float:
 
 CHECKERS = {"builtin": reward, "math_verify": math_verify_reward}  # --checker
 
+
 # ----------------------------------------------------------------------------------------------
-# Model: a tiny character-level Llama built in code and warm-started, or any HF causal LM.
+# Hugging Face models and version shims: --model, and the arguments that changed name across versions.
 # ----------------------------------------------------------------------------------------------
-def build_char_tokenizer(vocab_size: int = 0):
-    """A character-level tokenizer for the arithmetic task, as a real `PreTrainedTokenizerFast`;
-    vocab_size > 20 pads it with unused entries (to match a bigger model's vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # installed with transformers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
-    for ch in "0123456789+-=#., ":
-        vocab[ch] = len(vocab)
-    vocab.update({f"<unused{i}>": i for i in range(len(vocab), vocab_size)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>")
-
-
-def build_tiny_model(tokenizer, seed: int = 0):
-    """A 4-layer, 64-wide Llama (about 0.26M parameters) initialised with a fixed seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    return LlamaForCausalLM(config)
-
-
-def builtin_model():
-    tokenizer = build_char_tokenizer()
-    return build_tiny_model(tokenizer), tokenizer
-
-
-MODEL_SHAPES = {  # --bench-shape: published configurations, built with random weights so they run offline
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True),
-}
-
-
-def shape_model(shape: str, seed: int = 0):
-    """A Llama of the named shape with random weights, and the character tokenizer padded to its vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = dict(MODEL_SHAPES[shape])
-    tokenizer = build_char_tokenizer(config["vocab_size"])
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config, bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    return model, tokenizer
-
-
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_prompts: bool = False):
     """Any HF causal LM and its tokenizer through `from_pretrained`, fp32 weights (the master copy).
 
@@ -499,6 +1260,23 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_pr
     return model, tokenizer
 
 
+def build_char_tokenizer(vocab_size: int = 0):
+    """A character-level tokenizer for the arithmetic task, as a real `PreTrainedTokenizerFast`;
+    vocab_size > 20 pads it with unused entries (to match a bigger model's vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # installed with transformers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for ch in "0123456789+-=#., ":
+        vocab[ch] = len(vocab)
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids per prompt: one user turn and the assistant header when the tokenizer has a chat template."""
     if not getattr(tokenizer, "chat_template", None):
@@ -506,106 +1284,6 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]  # the template has its BOS
-
-
-def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int = 64, lr: float = 3e-3) -> None:
-    """Supervised fine-tuning on `prompt + answer + EOS`, the loss on answer tokens only (seed 0)."""
-    rng = random.Random(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in tqdm(range(steps), desc="warm start", leave=False):
-        batch = rng.sample(problems, batch_size) if len(problems) >= batch_size else rng.choices(problems, k=batch_size)
-        prompt_ids = encode_prompts(tokenizer, [p for p, _ in batch])
-        answer_ids = [tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for _, a in batch]
-        width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
-        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, width), -100, dtype=torch.long)
-        for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
-            input_ids[row, : len(p) + len(a)] = torch.tensor(p + a)
-            labels[row, len(p): len(p) + len(a)] = torch.tensor(a)
-        attention_mask = (labels != -100) | (torch.arange(width) < torch.tensor([len(p) for p in prompt_ids])[:, None])
-        loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                     labels=labels.to(device)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
-def load_model(cfg: Config, train_problems, device):
-    """The policy at the start of RL (also the A*-PO reference), warm-started once and cached in --out."""
-    steps = cfg.warm_start_steps if cfg.warm_start_steps >= 0 else (0 if cfg.model else BUILTIN_WARM_START_STEPS)
-    source = cfg.model or "builtin-tiny-llama"
-
-    def load(path):
-        return load_pretrained(path, cfg.trust_remote_code, cfg.plain_prompts) if path else builtin_model()
-
-    if steps == 0:
-        model, tokenizer = load(cfg.model)
-        return model, tokenizer, source
-    key = f"{os.path.abspath(cfg.model) if cfg.model else source}|{steps}"
-    if cfg.task != "arith":
-        key += f"|{cfg.task}|{os.path.abspath(cfg.data)}|{cfg.question_field}|{cfg.answer_field}"
-    if cfg.model and cfg.plain_prompts:
-        key += "|plain"
-    cache_dir = os.path.join(cfg.out, f"warmstart_{hashlib.sha1(key.encode()).hexdigest()[:8]}")
-    if os.path.isdir(cache_dir):
-        model, tokenizer = load(cache_dir)
-        return model, tokenizer, cache_dir
-    model, tokenizer = load(cfg.model)
-    model.to(device)
-    started = time.time()
-    warm_start(model, tokenizer, train_problems, steps, device)
-    tmp_dir = cache_dir + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(tmp_dir)
-    tokenizer.save_pretrained(tmp_dir)
-    os.replace(tmp_dir, cache_dir)  # atomic: a half-written warm start is never picked up
-    tqdm.write(f"warm start: {steps} supervised steps in {time.time() - started:.0f}s, cached in {cache_dir}")
-    return model, tokenizer, cache_dir
-
-
-# ----------------------------------------------------------------------------------------------
-# Lagged generator: a frozen copy of the policy that samples groups and records behaviour log-probs.
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Rollout:
-    """A batch of completions, prompt-major: row `i * G + j` is completion j of prompt i."""
-    prompt_ids: torch.Tensor       # (N, P) left-padded
-    prompt_mask: torch.Tensor      # (N, P) bool
-    completion_ids: torch.Tensor   # (N, T) pad after the first EOS
-    completion_mask: torch.Tensor  # (N, T) bool: True up to and including the first EOS
-    behavior_logp: torch.Tensor    # (N, T) fp32 log mu(y_t | x, y_<t) under the sampling temperature
-    truncated: torch.Tensor        # (N,) bool: no EOS within max_new_tokens
-    staleness: int = 0             # optimizer steps since the generator that sampled it was refreshed
-
-    def rows(self, part: slice) -> Rollout:
-        """The rows `part` of every tensor (a micro-batch)."""
-        return self.apply(lambda tensor: tensor[part])
-
-    def apply(self, function) -> Rollout:
-        """The rollout with `function` applied to each of its tensors."""
-        return dataclasses.replace(self, **{f.name: function(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                            if f.name != "staleness"})
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), both (N, max_len), real tokens at the right end of each row."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = True
-    return ids, mask
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions count real tokens only, so a left-padded row starts at position 0."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def new_cache(model) -> dict:
@@ -618,102 +1296,30 @@ def new_cache(model) -> dict:
     return {name: DynamicCache(config=model.config) if with_config else DynamicCache()}
 
 
-def sampling_noise(key: str, rows: int, max_new_tokens: int) -> torch.Tensor:
-    """The uniforms (rows, max_new_tokens) that `sample_token` turns into tokens, float64 on the CPU,
-    a function of `key` alone: a step's draws do not depend on the device, on when sampling stops,
-    or on how the rows are split across processes (each takes its rows of the same tensor)."""
-    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
-    return torch.rand(rows, max_new_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def last_logits_only(model, count: int = 1) -> dict:
+    """The keyword argument that limits the logits to the last `count` positions, as this model takes it."""
+    name = _logits_kwarg(model)
+    return {name: count} if name else {}
 
 
-def sample_token(logp: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """One token per row drawn from exp(logp) (rows, V) by inverse CDF, given one uniform per row (rows,)."""
-    cdf = logp.exp().double().cumsum(-1)  # summed in float64: exact enough for the rarest tokens
-    return torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+def _logits_kwarg(model) -> str | None:
+    """The argument that limits logits to the last k positions (`num_logits_to_keep` before transformers 4.50)."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
 
 
-def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                       eos_id: int, pad_id: int, noise: torch.Tensor | None, repeats: int = 1) -> Rollout:
-    """Sample `repeats` completions per prompt (rows prompt-major) with the KV cache; temperature 0 is
-    greedy (noise None), else noise holds each row's uniforms (rows, >= max_new_tokens), see `sampling_noise`.
-
-    Each prompt is encoded once and its KV cache copied to its `repeats` rows. behavior_logp[t] =
-    log_softmax(logits_t / temperature)[y_t], in fp32: exactly the distribution the token was drawn
-    from, so `policy_logp - behavior_logp` is the true per-token log-ratio. A model prepared by
-    `enable_static_decoding` (--compile) runs the same loop on a preallocated cache with a compiled step.
-    """
-    with torch.no_grad():
-        return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats))
+# ----------------------------------------------------------------------------------------------
+# Speed and memory: bf16 autocast, compiled decoding on a static cache (--compile), one prompt pass per
+# group, micro-batches sized by measured activation memory, gradient checkpointing.
+# ----------------------------------------------------------------------------------------------
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the matmuls (weights, log-softmax and losses stay fp32), or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats) -> tuple[torch.Tensor, ...]:
-    device = next(model.parameters()).device
-    noise = None if temperature == 0 else noise.to(device)
-    unique_prompt, unique_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
-    cache = new_cache(model)
-    logits_kwarg = _logits_kwarg(model)  # the prompt's last position is the only one sampled from
-    out = model(input_ids=unique_prompt, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
-                use_cache=True, **cache, **({logits_kwarg: 1} if logits_kwarg else {}))
-    logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
-    prompt, prompt_mask = unique_prompt.repeat_interleave(repeats, 0), unique_mask.repeat_interleave(repeats, 0)
-    static = getattr(model, "static_decoding", None)
-    if static is None:  # the cache grows by one column per token
-        next(iter(cache.values())).batch_repeat_interleave(repeats)
-        decode, attention_mask = model, prompt_mask.long()
-    else:               # a preallocated cache and one mask for every step: fixed shapes, one compiled graph
-        cache, attention_mask = static.start(cache, repeats, prompt_mask, max_new_tokens)
-        decode = static.step
-    rows = prompt.shape[0]
-    next_position = position_ids(prompt_mask)[:, -1:] + 1
-    tokens, logps = [], []
-    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        if temperature > 0:
-            logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
-            token = sample_token(logp, noise[:, t])
-        else:
-            logp = torch.log_softmax(logits, dim=-1)
-            token = logits.argmax(-1)
-        token_logp = logp.gather(-1, token[:, None]).squeeze(-1)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        logps.append(torch.where(finished, torch.zeros_like(token_logp), token_logp))
-        just_ended = (token == eos_id) & ~finished
-        lengths = torch.where(just_ended, torch.full_like(lengths, t + 1), lengths)
-        finished |= just_ended
-        if finished.all() or t == max_new_tokens - 1:
-            break
-        if static is None:
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = decode(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                        use_cache=True, **cache).logits[:, -1].float()
-        next_position = next_position + 1
-    completion_ids = torch.stack(tokens, dim=1)
-    completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
-    behavior_logp = torch.stack(logps, dim=1) * completion_mask
-    return prompt, prompt_mask, completion_ids, completion_mask, behavior_logp, ~finished
-
-
-def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
-                  temperature: float, noise: torch.Tensor, staleness: int = 0) -> Rollout:
-    """G completions per prompt from the (possibly stale) generator; the batch carries its staleness."""
-    rollout = sample_completions(generator, encode_prompts(tokenizer, prompts), max_new_tokens, temperature,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id, noise, repeats=group_size)
-    rollout.staleness = staleness
-    return rollout
-
-
-@torch.no_grad()
-def refresh_generator(generator, policy) -> None:
-    """mu <- pi_theta, copying the weights in place (no new allocation)."""
-    for generator_tensor, policy_tensor in zip(generator.state_dict().values(), policy.state_dict().values()):
-        generator_tensor.copy_(policy_tensor)
-
-
-def frozen_copy(model):
-    """A copy with no gradients and no optimizer state: the generator mu, or the reference pi_ref."""
-    return copy.deepcopy(model).requires_grad_(False).eval()
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # so that wall-clock timings include the queued GPU work
 
 
 LENGTH_BUCKET = 128  # --compile: cache lengths are rounded up to a multiple of this, so new batches reuse a graph
@@ -769,21 +1375,40 @@ class StaticDecoding:
         return self.compiled(**inputs)
 
 
+def start_decoding(model, prompt_cache: dict, repeats: int, prompt_mask: torch.Tensor, max_new_tokens: int):
+    """The sampler's decode step after the prompt pass: a function (token, position), both (rows, 1), to
+    the next logits (rows, V) in fp32, which keeps the KV cache. Eagerly the cache grows by a column per
+    token; a model prepared by `enable_static_decoding` (--compile) decodes on its preallocated cache."""
+    static = getattr(model, "static_decoding", None)
+    if static is None:  # the cache grows by one column per token
+        next(iter(prompt_cache.values())).batch_repeat_interleave(repeats)
+        cache, attention_mask, forward = prompt_cache, prompt_mask.long(), model
+    else:               # a preallocated cache and one mask for every step: fixed shapes, one compiled graph
+        cache, attention_mask = static.start(prompt_cache, repeats, prompt_mask, max_new_tokens)
+        forward = static.step
+
+    def decode(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        nonlocal attention_mask
+        if static is None:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        return forward(input_ids=token, attention_mask=attention_mask, position_ids=position, use_cache=True,
+                       **cache).logits[:, -1].float()
+
+    return decode
+
+
 def enable_static_decoding(model, backend="inductor") -> None:
     """Make `sample_completions` decode with a static cache and a compiled step (--compile)."""
     mode = "reduce-overhead" if backend == "inductor" and next(model.parameters()).device.type == "cuda" else None
     model.static_decoding = StaticDecoding(model, backend, mode)
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the matmuls (weights, log-softmax and losses stay fp32), or a no-op for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def _logits_kwarg(model) -> str | None:
-    """The argument that limits logits to the last k positions (`num_logits_to_keep` before transformers 4.50)."""
-    parameters = inspect.signature(model.forward).parameters
-    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
+def compile_decoding_if_asked(cfg: Config, device: torch.device, models) -> None:
+    """--compile on, or auto on CUDA with static caches: every model that samples decodes compiled."""
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda" and static_decoding_supported()):
+        for model in models:
+            if model is not None:
+                enable_static_decoding(model)
 
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
@@ -796,7 +1421,6 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     Gradient checkpointing drops KV caches, so with it every row runs prompt and completion at once.
     """
     logits_kwarg = _logits_kwarg(model)
-    keep = lambda k: {logits_kwarg: k} if logits_kwarg else {}  # noqa: E731  (logits at the last k positions)
     rows_with_prompt = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
     unique_rows, row_to_prompt = torch.unique_consecutive(rows_with_prompt, dim=0, return_inverse=True)
     checkpointing = any(getattr(module, "gradient_checkpointing", False) is True and module.training
@@ -804,13 +1428,13 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     if len(unique_rows) == len(prompt_ids) or checkpointing:  # nothing to share: one pass, y_T-1 never an input
         mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
         logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1), attention_mask=mask.long(),
-                       position_ids=position_ids(mask), **keep(completion_ids.shape[1])).logits
+                       position_ids=position_ids(mask), **last_logits_only(model, completion_ids.shape[1])).logits
         return logits if logits_kwarg else logits[:, -completion_ids.shape[1]:]  # a slice's backward zero-fills
     unique_ids, unique_mask = unique_rows.split(prompt_ids.shape[1], dim=1)
     unique_mask = unique_mask.bool()
     cache = new_cache(model)
     out = model(input_ids=unique_ids, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
-                use_cache=True, **cache, **keep(1))
+                use_cache=True, **cache, **last_logits_only(model))
     first_logits = out.logits[:, -1:][row_to_prompt]  # (N, 1, V): the prompt's last position predicts y_0
     if completion_ids.shape[1] == 1:
         return first_logits
@@ -821,374 +1445,41 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     return torch.cat([first_logits, out.logits], dim=1)
 
 
-def completion_logprobs(model, rollout: Rollout, temperature: float, chunk_rows: int = 8):
-    """Per-token log pi(y_t | x, y_<t) (N, T) in fp32 with the graph, and the token entropy (N, T), detached.
-
-    Columns that are padding in every row are dropped first, logits are computed at the completion's
-    positions only, and log pi(y_t) = logit(y_t) - logsumexp(logits) is taken chunk_rows rows at a
-    time: no fp32 log-softmax over the whole (N, T, V) batch is ever materialised.
-    """
-    first_prompt_column = int(rollout.prompt_mask.any(0).int().argmax())  # left padding in every row
-    width = int(rollout.completion_mask.sum(-1).max())                     # right padding in every row
-    completion_ids, completion_mask = rollout.completion_ids[:, :width], rollout.completion_mask[:, :width]
-    logits = completion_logits(model, rollout.prompt_ids[:, first_prompt_column:],
-                               rollout.prompt_mask[:, first_prompt_column:], completion_ids, completion_mask)
-    token_logp, entropy = [], []
-    for chunk, chunk_ids in zip(logits.split(chunk_rows), completion_ids.split(chunk_rows)):
-        chunk = chunk.float()
-        chunk = chunk / temperature if temperature != 1 else chunk
-        log_normalizer = torch.logsumexp(chunk, dim=-1)
-        token_logp.append(chunk.gather(-1, chunk_ids[..., None]).squeeze(-1) - log_normalizer)
-        with torch.no_grad():
-            entropy.append(log_normalizer - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
-    padding = (0, rollout.completion_ids.shape[1] - width)
-    token_logp = F.pad(torch.cat(token_logp) * completion_mask, padding)
-    return token_logp, F.pad(torch.cat(entropy) * completion_mask, padding)
-
-
-# ----------------------------------------------------------------------------------------------
-# Advantages: one small function per baseline. rewards: (groups, G); outputs broadcast to it.
-# ----------------------------------------------------------------------------------------------
-def group_mean(rewards: torch.Tensor) -> torch.Tensor:
-    return rewards.mean(-1, keepdim=True)
-
-
-def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """A_group = (r - mean) / (std + eps), the GRPO advantage (population std over the group)."""
-    return (rewards - group_mean(rewards)) / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
-
-
-def soft_value(rewards: torch.Tensor, beta_value: float) -> torch.Tensor:
-    """V = beta_v * log mean_j exp(r_j / beta_v): the mean as beta_v -> inf, the max as beta_v -> 0."""
-    return beta_value * (torch.logsumexp(rewards / beta_value, -1, keepdim=True) - math.log(rewards.shape[-1]))
-
-
-def shifted_mean_advantages(rewards: torch.Tensor, beta: float, shift: float = 1.0) -> torch.Tensor:
-    """A = r - (mean - shift * beta): the paper's beta-shifted mean (our reading of it)."""
-    return rewards - group_mean(rewards) + shift * beta
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses. Token tensors are (N, T) with N = groups * G, prompt-major;
-# rewards are (groups, G). Each returns (scalar loss, diagnostics); diagnostics["advantages"] is
-# the (groups, G) advantage the loss used, for the regime diagnostics.
-# ----------------------------------------------------------------------------------------------
-def sequence_sum(token_values: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
-    """sum_t over the completion (N,), or the mean over its tokens with length_normalize."""
-    total = (token_values * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if length_normalize else total
-
-
-def squared_regression(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float) -> torch.Tensor:
-    """eq. 1: mean over samples of (beta * log_ratio(y) - A(x, y))^2; both (groups, G)."""
-    return ((beta * log_ratio - advantages) ** 2).mean()
-
-
-def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each completion's tokens, then over completions."""
-    return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-
-
-def ppo_loss(policy_logp, behavior_logp, completion_mask, rewards, clip_eps: float = 0.2):
-    """PPO/GRPO clip against the generator, no KL term:
-    L = -mean_t min(ratio_t * A_group, clip(ratio_t, 1 - eps, 1 + eps) * A_group),
-    ratio_t = exp(log pi(y_t) - log mu(y_t)), A_group = (r - mean) / (std + eps).
-    """
-    advantages = grpo_advantages(rewards)
-    token_advantage = advantages.reshape(-1, 1)  # (N, 1)
-    ratio = torch.exp((policy_logp - behavior_logp).clamp(-20, 20))
-    objective = torch.minimum(ratio * token_advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * token_advantage)
-    loss = -_token_mean(objective, completion_mask)
-    return loss, {**_ratio_stats(ratio, completion_mask, (ratio - 1).abs() > clip_eps), "advantages": advantages}
-
-
-def tis_loss(policy_logp, behavior_logp, completion_mask, rewards, is_cap: float = 2.0):
-    """Truncated importance-sampling policy gradient:
-    L = -mean_t stopgrad(min(ratio_t, C)) * A_group * log pi(y_t).
-    """
-    advantages = grpo_advantages(rewards)
-    ratio = torch.exp((policy_logp - behavior_logp).clamp(-20, 20)).detach()
-    weight = ratio.clamp(max=is_cap)
-    loss = -_token_mean(weight * advantages.reshape(-1, 1) * policy_logp, completion_mask)
-    return loss, {**_ratio_stats(ratio, completion_mask, ratio > is_cap), "advantages": advantages}
-
-
-def reinforce_loss(policy_logp, completion_mask, rewards, delta: float = 0.1, length_normalize: bool = False):
-    """Ratio-free off-policy REINFORCE with a baseline below the mean (AsymRE, arXiv 2506.20520):
-    L = -mean_y (r - mean + delta) * sum_t log pi(y_t).
-    """
-    advantages = rewards - group_mean(rewards) + delta
-    sequence_logp = sequence_sum(policy_logp, completion_mask, length_normalize).view_as(rewards)
-    return -(advantages * sequence_logp).mean(), {"advantages": advantages}
-
-
-def oapl_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, beta_value: float,
-              length_normalize: bool = False):
-    """OAPL (arXiv 2602.19362), eq. 1 anchored on the generator with a soft-value baseline:
-    L = mean (beta * log(pi/mu)(y) - (r - beta_v log mean_j exp(r_j / beta_v)))^2.
-    beta_v > beta: pessimistic regime; = beta: boundary; < beta: negative regime.
-    """
-    advantages = rewards - soft_value(rewards, beta_value)
-    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
-    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
-
-
-def apo_loss(policy_logp, ref_logp, completion_mask, rewards, ref_value, beta: float,
-             length_normalize: bool = False):
-    """A*-PO (arXiv 2505.20686), eq. 1 anchored on the reference policy:
-    L = mean (beta * log(pi/pi_ref)(y) - (r - V_ref))^2, with V_ref = beta_v log mean exp(r/beta_v)
-    estimated once per prompt from pi_ref's own samples; ref_value: (groups, 1).
-    """
-    advantages = rewards - ref_value
-    log_ratio = sequence_sum(policy_logp - ref_logp, completion_mask, length_normalize).view_as(rewards)
-    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
-
-
-def pmd_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, length_normalize: bool = False):
-    """PMD-mean / Kimi k1.5 squared loss (arXiv 2602.05933), eq. 1 with the group-mean baseline:
-    L = mean (beta * log(pi/mu)(y) - (r - mean_j r_j))^2. Never in the negative regime (Jensen).
-    """
-    advantages = rewards - group_mean(rewards)
-    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
-    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
-
-
-def shifted_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, shift: float = 1.0,
-                 length_normalize: bool = False):
-    """The paper's proposal, eq. 1 with the beta-shifted-mean advantage:
-    L = mean (beta * log(pi/mu)(y) - (r - mean_j r_j + shift * beta))^2.
-    E_mu exp(A/beta) >= e^shift > 1, so every group is strictly in the pessimistic regime.
-    """
-    advantages = shifted_mean_advantages(rewards, beta, shift)
-    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
-    return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
-
-
-def centred_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, length_normalize: bool = False):
-    """The control of PAPER.md section 8: eq. 1 without its mean term, i.e. the baseline-free pairwise
-    regression of REBEL (arXiv 2404.16767) in its centred form, d = log(pi/mu)(y):
-    L = mean (beta * (d_i - mean_j d_j) - (r_i - mean_j r_j))^2.
-    A constant added to a group's rewards or baseline cancels: no baseline, so no regime.
-    """
-    advantages = rewards - group_mean(rewards)
-    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
-    return squared_regression(log_ratio - group_mean(log_ratio), advantages, beta), {"advantages": advantages}
-
-
-def regression_split(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float):
-    """PAPER.md section 8: eq. 1 on each group splits exactly into a centred part and a mean term,
-    mean_i (beta d_i - A_i)^2 = mean_i (beta (d_i - dbar) - (A_i - Abar))^2 + (beta dbar - Abar)^2;
-    both averaged over groups, as the losses are. (groups, G) in, two scalars out."""
-    log_ratio_mean, advantage_mean = group_mean(log_ratio), group_mean(advantages)
-    centred = ((beta * (log_ratio - log_ratio_mean) - (advantages - advantage_mean)) ** 2).mean()
-    return centred, ((beta * log_ratio_mean - advantage_mean) ** 2).mean()
-
-
-def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor) -> dict:
-    ratio, clipped = ratio.detach()[mask], clipped[mask]
-    return {"ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(),
-            "clip_fraction": clipped.float().mean().item()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Diagnostics: the Lambert-W induced target (eq. 2), its regime, and mass leakage.
-# ----------------------------------------------------------------------------------------------
-def lambert_w0(z: torch.Tensor, max_iterations: int = 50) -> torch.Tensor:
-    """Principal branch W0(z) for z >= -1/e (W0(z) * exp(W0(z)) = z), by Halley's method in float64."""
-    z = z.double()
-    branch_gap = (2 * (math.e * z + 1)).clamp(min=0).sqrt()
-    near_branch = -1 + branch_gap - branch_gap ** 2 / 3 + 11 / 72 * branch_gap ** 3
-    big = torch.log(z.clamp(min=3)) - torch.log(torch.log(z.clamp(min=3)))
-    w = torch.where(z < -0.25, near_branch, torch.where(z > 3, big, torch.log1p(z.clamp(min=-0.25))))
-    for _ in range(max_iterations):
-        ew = torch.exp(w)
-        residual = w * ew - z
-        step = residual / (ew * (w + 1) - (w + 2) * residual / (2 * w + 2))
-        step = torch.where(torch.isfinite(step) & (w > -1), step, torch.zeros_like(step))
-        w = w - step
-        if not bool((step.abs() > 1e-15 * (1 + w.abs())).any()):  # Halley converges cubically
-            break
-    return torch.where(z <= -1 / math.e, torch.full_like(w, -1.0), w)
-
-
-def induced_target_c(advantages: torch.Tensor, beta: float, mu: torch.Tensor | None = None,
-                     iterations: int = 100) -> torch.Tensor:
-    """Per group, the c of eq. 2: sum_i mu_i W0(c exp(A_i/beta)) / c = 1.
-
-    advantages: (groups, G); mu: (groups, G) generator probabilities of the samples, uniform (the
-    empirical mu) when None. Returns (groups,) float64: c > 0 pessimistic, c = 0 boundary (when
-    |log E_mu exp(A/beta)| < 1e-6, float32 round-off), c < 0 negative regime, NaN where no normalised target exists.
-    """
-    scaled = advantages.double() / beta
-    mu = torch.full_like(scaled, 1 / scaled.shape[-1]) if mu is None else mu.double()
-    z = scaled.exp()
-    log_mean_z = torch.logsumexp(scaled + mu.log(), -1)
-
-    def mass(c):  # sum_i mu_i W0(c z_i) / c, decreasing in c
-        return (mu * lambert_w0(c[:, None] * z)).sum(-1) / c
-
-    positive, negative = log_mean_z > 1e-6, log_mean_z < -1e-6
-    c_min = -1 / (math.e * z.max(-1).values)  # W0 is defined down to -1/e
-    lo = torch.where(negative, c_min, torch.full_like(c_min, 1e-12))
-    hi = torch.where(negative, torch.full_like(c_min, -1e-12), torch.ones_like(c_min))
-    while bool((positive & (mass(hi) > 1)).any()):
-        hi = torch.where(positive & (mass(hi) > 1), hi * 2, hi)
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        too_much = mass(mid) > 1
-        lo, hi = torch.where(too_much, mid, lo), torch.where(too_much, hi, mid)
-    c = (lo + hi) / 2
-    c = torch.where(negative & (mass(c_min) < 1), torch.full_like(c, float("nan")), c)
-    return torch.where(positive | negative, c, torch.zeros_like(c))
-
-
-def induced_target_ratio(advantages: torch.Tensor, beta: float, c: torch.Tensor) -> torch.Tensor:
-    """pi_c / mu per sample (groups, G), eq. 2: W0(c exp(A/beta)) / c, and exp(A/beta) where c = 0."""
-    z = (advantages.double() / beta).exp()
-    safe_c = torch.where(c == 0, torch.ones_like(c), c)[:, None]
-    return torch.where(c[:, None] == 0, z, lambert_w0(safe_c * z) / safe_c)
-
-
-def regime_diagnostics(advantages: torch.Tensor, rewards: torch.Tensor, beta: float) -> dict:
-    """Fractions of groups per regime, and P(correct) under mu, the nominal and the induced target."""
-    c = induced_target_c(advantages, beta)
-    nominal = torch.softmax(advantages.double() / beta, dim=-1)  # mu exp(A/beta) / Z on the empirical mu
-    solved = ~torch.isnan(c)
-    induced = induced_target_ratio(advantages[solved], beta, c[solved]) / advantages.shape[-1]
-    correct = rewards.double()
-    return {
-        "regime_positive": (c > 0).double().mean().item(),
-        "regime_boundary": (c == 0).double().mean().item(),
-        "regime_negative": ((c < 0) | ~solved).double().mean().item(),
-        "regime_no_target": (~solved).double().mean().item(),
-        "lambert_c_mean": c[solved].mean().item() if solved.any() else float("nan"),
-        "p_correct_generator": correct.mean().item(),
-        "p_correct_nominal": (nominal * correct).sum(-1).mean().item(),
-        "p_correct_induced": (induced * correct[solved]).sum(-1).mean().item() if solved.any() else float("nan"),
-    }
-
-
-def mass_leakage(policy_sequence_logp: torch.Tensor, behavior_sequence_logp: torch.Tensor,
-                 completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int) -> dict:
-    """sum_i pi(y_i) / sum_i mu(y_i) over each group's distinct completions, averaged over groups.
-
-    Below 1: the policy moved mass onto completions nobody sampled. Also the generator's own mass on
-    its distinct samples, which shows how much of mu a group of G samples covers.
-    """
-    ratios, covered = [], []
-    for start in range(0, completion_ids.shape[0], group_size):
-        distinct = {}
-        for row in range(start, start + group_size):
-            key = tuple(completion_ids[row][completion_mask[row]].tolist())
-            distinct.setdefault(key, row)
-        rows = torch.tensor(list(distinct.values()))
-        policy_mass = torch.logsumexp(policy_sequence_logp[rows].double(), 0)
-        generator_mass = torch.logsumexp(behavior_sequence_logp[rows].double(), 0)
-        ratios.append((policy_mass - generator_mass).exp().item())
-        covered.append(generator_mass.exp().item())
-    return {"mass_leakage": sum(ratios) / len(ratios), "generator_mass_sampled": sum(covered) / len(covered)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Training loop: refresh the generator every `lag` steps, sample, score, update, log, checkpoint.
-# ----------------------------------------------------------------------------------------------
-def mean_term_diagnostics(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float) -> dict:
-    """Section 8 for the group-constant baselines (pmd, shifted, oapl): the mean term's target for the
-    group's mean log-ratio, Abar / beta (achieved: log_ratio_mean), and the loss split into its parts."""
-    centred, mean_term = regression_split(log_ratio, advantages, beta)
-    return {"mean_term_target": (group_mean(advantages) / beta).mean().item(), "loss_centred": centred.item(),
-            "loss_mean_term": mean_term.item()}
-
-
-class TrainingDiverged(Exception):
-    """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
-
-
-def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
-    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-            for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-
-
-def score(tokenizer, rollout: Rollout, answers: list[str], group_size: int, checker=reward,
-          zero_truncated: bool = False) -> torch.Tensor:
-    """Rewards (groups, G) for a rollout whose prompts were repeated G times, answers one per prompt.
-
-    zero_truncated: a completion cut at max_new_tokens gets 0 whatever it says (--truncated zero).
-    """
-    texts = completion_texts(tokenizer, rollout)
-    rewards = [checker(text, answers[row // group_size]) for row, text in enumerate(texts)]
-    rewards = torch.tensor(rewards, device=rollout.completion_ids.device)
-    if zero_truncated:
-        rewards = rewards.masked_fill(rollout.truncated, 0.0)
-    return rewards.view(-1, group_size)
-
-
-def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256,
-             checker=reward, rank: int = 0, world: int = 1) -> float:
-    """Greedy accuracy on held-out problems. With world > 1 processes (torchrun) each takes every
-    world-th batch, the same batches as one process, and the counts are summed across them."""
-    correct = 0.0
-    for start in range(rank * batch_size, len(problems), world * batch_size):
-        batch = problems[start:start + batch_size]
-        rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
-                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None)
-        correct += score(tokenizer, rollout, [a for _, a in batch], 1, checker).sum().item()
-    if world > 1:
-        total = torch.tensor(correct, device=next(model.parameters()).device)
-        dist.all_reduce(total)
-        correct = total.item()
-    return correct / len(problems)
-
-
-def reference_values(reference, tokenizer, batch, cache: dict, cfg: Config) -> torch.Tensor:
-    """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref, then cached.
-    Each prompt's draws are seeded by the prompt, so V_ref does not depend on when or where it is first needed."""
-    new = [(p, a) for p, a in dict(batch).items() if p not in cache]
-    if new:
-        noise = torch.cat([sampling_noise(f"{cfg.seed}|reference|{p}", cfg.group_size, cfg.max_new_tokens)
-                           for p, _ in new])
-        rollout = sample_groups(reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, noise)
-        rewards = score(tokenizer, rollout, [a for _, a in new], cfg.group_size, CHECKERS[cfg.checker],
-                        zero_truncated=cfg.truncated == "zero")
-        values = soft_value(rewards, cfg.beta_value)
-        cache.update({p: v for (p, _), v in zip(new, values.squeeze(-1).tolist())})
-    device = next(reference.parameters()).device
-    return torch.tensor([cache[p] for p, _ in batch], device=device)[:, None]
-
-
-def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=None, ref_value=None):
-    """Dispatch to the loss chosen by --loss with its hyper-parameters.
-
-    With --truncated mask, completions cut at --max-new-tokens carry no gradient (their mask is empty)
-    but still count in their group's baseline.
-    """
-    mask = rollout.completion_mask
-    if cfg.truncated == "mask":
-        mask = mask & ~rollout.truncated[:, None]
-    behavior_logp, norm = rollout.behavior_logp, cfg.length_normalize
-    if cfg.loss == "ppo":
-        return ppo_loss(policy_logp, behavior_logp, mask, rewards, cfg.clip_eps)
-    if cfg.loss == "tis":
-        return tis_loss(policy_logp, behavior_logp, mask, rewards, cfg.is_cap)
-    if cfg.loss == "reinforce":
-        return reinforce_loss(policy_logp, mask, rewards, cfg.delta, norm)
-    if cfg.loss == "oapl":
-        return oapl_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.beta_value, norm)
-    if cfg.loss == "apo":
-        return apo_loss(policy_logp, ref_logp, mask, rewards, ref_value, cfg.beta, norm)
-    if cfg.loss == "pmd":
-        return pmd_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
-    if cfg.loss == "centred":
-        return centred_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
-    return shifted_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.shift, norm)
-
-
 def micro_batches(rollout: Rollout, micro_batch: int) -> list[slice]:
     """Row slices of at most micro_batch rows (0: one slice with every row)."""
     rows = rollout.completion_ids.shape[0]
     size = micro_batch if 0 < micro_batch < rows else rows
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micro_batch: int, loss_of,
+                              precision: str = "fp32"):
+    """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
+
+    Every loss here is a mean over completions of a per-completion term (the advantages depend on the
+    rewards alone; centred's also on its group's log-ratios, so it takes micro-batches of whole
+    groups), so the full-batch gradient is the sum, over micro-batches, of the gradient of the
+    full-batch loss in which only that micro-batch's rows carry the graph (the other rows enter as
+    constants). No rescaling is needed and only one micro-batch's activations are alive at a time.
+    `policy` may be DistributedDataParallel(LogprobsForDDP(model)) (torchrun): the gradients then
+    accumulate locally and the last micro-batch's backward averages them across processes.
+    Returns the full-batch (loss, diagnostics) and the detached (policy_logp, entropy), both (N, T).
+    """
+    device = rollout.completion_ids.device
+    policy_logp, entropy = torch.zeros_like(rollout.behavior_logp), torch.zeros_like(rollout.behavior_logp)
+    under_ddp = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
+    logprobs_of = policy if under_ddp else functools.partial(completion_logprobs, policy)
+    parts = micro_batches(rollout, micro_batch)
+    for index, part in enumerate(parts):
+        with policy.no_sync() if under_ddp and index < len(parts) - 1 else contextlib.nullcontext():
+            with autocast(device, precision):
+                part_logp, entropy[part] = logprobs_of(rollout.rows(part), temperature)
+            with_graph = torch.cat([policy_logp[:part.start], part_logp, policy_logp[part.stop:]])
+            loss, _ = loss_of(with_graph)
+            loss.backward()
+        policy_logp[part] = part_logp.detach()
+    loss, diagnostics = loss_of(policy_logp)
+    return loss, diagnostics, policy_logp, entropy
 
 
 def activation_bytes_per_token(model, precision: str) -> float:
@@ -1231,146 +1522,13 @@ def auto_micro_batch(rollout: Rollout, group_size: int, bytes_per_token: float,
     return max(1, int(budget_bytes // ((prompt_width + completion_width) * bytes_per_token)))
 
 
-class CompletionLogprobs(torch.nn.Module):
-    """`completion_logprobs(policy, ...)` as one module call: the unit DistributedDataParallel wraps
-    under torchrun (the prompt and completion passes of a micro-batch are one forward for it)."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, rollout: Rollout, temperature: float):
-        return completion_logprobs(self.policy, rollout, temperature)
-
-
-def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micro_batch: int, loss_of,
-                              precision: str = "fp32"):
-    """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
-
-    Every loss here is a mean over completions of a per-completion term (the advantages depend on the
-    rewards alone; centred's also on its group's log-ratios, so it takes micro-batches of whole
-    groups), so the full-batch gradient is the sum, over micro-batches, of the gradient of the
-    full-batch loss in which only that micro-batch's rows carry the graph (the other rows enter as
-    constants). No rescaling is needed and only one micro-batch's activations are alive at a time.
-    `policy` may be DistributedDataParallel(CompletionLogprobs(model)) (torchrun): the gradients then
-    accumulate locally and the last micro-batch's backward averages them across processes.
-    Returns the full-batch (loss, diagnostics) and the detached (policy_logp, entropy), both (N, T).
-    """
-    device = rollout.completion_ids.device
-    policy_logp, entropy = torch.zeros_like(rollout.behavior_logp), torch.zeros_like(rollout.behavior_logp)
-    replicated = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
-    logprobs_of = policy if replicated else functools.partial(completion_logprobs, policy)
-    parts = micro_batches(rollout, micro_batch)
-    for index, part in enumerate(parts):
-        with policy.no_sync() if replicated and index < len(parts) - 1 else contextlib.nullcontext():
-            with autocast(device, precision):
-                part_logp, entropy[part] = logprobs_of(rollout.rows(part), temperature)
-            with_graph = torch.cat([policy_logp[:part.start], part_logp, policy_logp[part.stop:]])
-            loss, _ = loss_of(with_graph)
-            loss.backward()
-        policy_logp[part] = part_logp.detach()
-    loss, diagnostics = loss_of(policy_logp)
-    return loss, diagnostics, policy_logp, entropy
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write then rename, so a crash mid-write never replaces the last good checkpoint."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def append_metrics(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def drop_metrics_after(path: str, step: int) -> None:
-    """Resume: the lines of steps after the checkpoint's are dropped (rewritten, then renamed)."""
-    kept = [m for m in read_metrics(path) if m["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in kept)
-    os.replace(path + ".tmp", path)
-
-
-@dataclass
-class StepResult:
-    rollout: Rollout
-    rewards: torch.Tensor      # (groups, G)
-    loss: torch.Tensor         # the full-batch loss, detached
-    diagnostics: dict
-    policy_logp: torch.Tensor  # (N, T) detached: the policy before the update
-    entropy: torch.Tensor      # (N, T)
-    grad_norm: torch.Tensor    # before clipping
-    micro_batch: int           # rows per forward/backward pass
-    seconds: dict              # generation (refresh, sampling, A*-PO's V_ref samples), logprobs (pi_ref's), update
-    ref_logp: torch.Tensor | None = None   # A*-PO: (N, T) log pi_ref
-    ref_value: torch.Tensor | None = None  # A*-PO: (groups, 1) V_ref
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # so that wall-clock timings include the queued GPU work
-
-
-@dataclass
-class Learner:
-    policy: torch.nn.Module            # pi_theta, fp32 weights
-    generator: torch.nn.Module         # mu: a frozen copy, refreshed every `lag` steps
-    reference: torch.nn.Module | None  # pi_ref, the policy as RL started (A*-PO only)
-    optimizer: torch.optim.Optimizer
-    precision: str                     # fp32, or bf16 autocast
-    bytes_per_token: float             # activations kept for backward, per token: sizes --micro-batch 0 (else 0)
-    replicated: torch.nn.Module | None = None  # torchrun: DistributedDataParallel(CompletionLogprobs(policy))
-
-
-def rl_step(cfg: Config, learner: Learner, tokenizer, batch: list[tuple[str, str]], staleness: int,
-            noise: torch.Tensor, ref_values: dict) -> StepResult:
-    """One optimizer step: G completions per prompt from the generator (first refreshed from the policy,
-    in place, when staleness is 0), rewards, loss, backward, AdamW."""
-    policy, generator, reference, optimizer = learner.policy, learner.generator, learner.reference, learner.optimizer
-    device, precision = next(policy.parameters()).device, learner.precision
-    seconds, tick = {}, time.perf_counter()
-    if staleness == 0:
-        refresh_generator(generator, policy)
-    with autocast(device, precision):
-        rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, noise, staleness)
-        ref_value = None if reference is None else reference_values(reference, tokenizer, batch, ref_values, cfg)
-    rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, CHECKERS[cfg.checker],
-                    zero_truncated=cfg.truncated == "zero")  # (groups, G)
-    synchronize(device)
-    seconds["generation"], tick = time.perf_counter() - tick, time.perf_counter()
-
-    micro_batch = cfg.micro_batch or auto_micro_batch(rollout, cfg.group_size, learner.bytes_per_token)
-    if cfg.loss == "centred":  # its loss couples a group's completions: micro-batches of whole groups
-        micro_batch = -(-micro_batch // cfg.group_size) * cfg.group_size
-    ref_logp = None
-    if reference is not None:  # the only extra pass: behaviour log-probs were recorded while sampling
-        with torch.no_grad(), autocast(device, precision):
-            ref_logp = torch.cat([completion_logprobs(reference, rollout.rows(part), cfg.temperature)[0]
-                                  for part in micro_batches(rollout, micro_batch)])
-    synchronize(device)
-    seconds["logprobs"], tick = time.perf_counter() - tick, time.perf_counter()
-
-    optimizer.zero_grad(set_to_none=True)
-    loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
-        learner.replicated or policy, rollout, cfg.temperature, micro_batch,
-        lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision)
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(f"loss is {loss.item()}")
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    if not torch.isfinite(grad_norm):
-        raise TrainingDiverged(f"gradient norm is {grad_norm.item()}")
-    optimizer.step()
-    synchronize(device)
-    seconds["update"] = time.perf_counter() - tick
-    return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, micro_batch,
-                      seconds, ref_logp, ref_value)
+def speed_and_memory(result: StepResult, tokens: int, device: torch.device) -> dict:
+    """A step's timings (sampling, and log-probs plus update) and throughputs, and peak memory."""
+    rollout_seconds = result.seconds["generation"]
+    update_seconds = result.seconds["logprobs"] + result.seconds["update"]
+    return {"rollout_seconds": rollout_seconds, "update_seconds": update_seconds,
+            "rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
+            "update_tokens_per_s": tokens / max(update_seconds, 1e-9), **peak_memory(device)}
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -1399,142 +1557,207 @@ def peak_memory(device: torch.device) -> dict:
     return record
 
 
-def make_learner(cfg: Config, policy, device: torch.device, precision: str, world: int = 1) -> Learner:
-    """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
-    same log-probs), its generator mu and the reference pi_ref (A*-PO only), the optimizer, and with
-    world > 1 processes (torchrun) the DDP wrapper whose backward averages their gradients.
-
-    With bf16 the two copies are stored in bf16: they only sample and score, and autocast rounds the
-    weights to bf16 for every matmul anyway (norms and the residual stream also run in bf16 there).
-    """
-    policy.to(device).eval()
-    copy_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    generator = frozen_copy(policy).to(copy_dtype)
-    reference = frozen_copy(policy).to(copy_dtype) if cfg.loss == "apo" else None
-    if cfg.grad_checkpointing:
-        enable_gradient_checkpointing(policy)
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda" and static_decoding_supported()):
-        for model in (policy, generator, reference):  # the policy samples too: greedy evaluation
-            if model is not None:
-                enable_static_decoding(model)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    bytes_per_token = activation_bytes_per_token(policy, precision) if cfg.micro_batch == 0 else 0.0
-    replicated = None if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        CompletionLogprobs(policy), device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
-    return Learner(policy, generator, reference, optimizer, precision, bytes_per_token, replicated)
+# ----------------------------------------------------------------------------------------------
+# Run files and resume: one folder per setting, metrics appended, checkpoints and warm starts written
+# atomically (write, then rename), so an interrupted run resumes where it stopped.
+# ----------------------------------------------------------------------------------------------
+GRID_FLAGS = ("compare", "preset", "losses", "lags", "seeds", "beta_values", "shifts", "betas", "warm_starts")
 
 
-def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    precision = cfg.precision if cfg.precision != "auto" else (
-        "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    return device, precision
+def run_folder(cfg: Config) -> str:
+    """One folder per setting: the budget (steps, eval cadence), device, memory savers and resume are not part of it."""
+    budget = {"steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "compile", "bench",
+              "bench_shape", *GRID_FLAGS}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in budget}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+    return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
 
 
-def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.device) -> dict:
-    """One line of metrics.jsonl (README, "Reading metrics.jsonl"): the batch as the policy saw it
-    before the update, the loss's own diagnostics, the regime and section 8 diagnostics, timings."""
-    rollout, rewards, mask = result.rollout, result.rewards, result.rollout.completion_mask
-    advantages = result.diagnostics["advantages"].detach()
-    policy_sequence_logp = sequence_sum(result.policy_logp, mask)
-    behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)
-    token_log_ratio = (result.policy_logp - rollout.behavior_logp)[mask]
-    sequence_log_ratio = policy_sequence_logp - behavior_sequence_logp  # d_i = log pi/mu of each completion
-    tokens = int(mask.sum())
-    rollout_seconds = result.seconds["generation"]
-    update_seconds = result.seconds["logprobs"] + result.seconds["update"]
-    record = {
-        "step": step, "staleness": rollout.staleness, "loss": result.loss.item(), "reward_mean": rewards.mean().item(),
-        "advantage_mean": advantages.mean().item(), "grad_norm": result.grad_norm.item(),
-        "entropy": result.entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
-        "log_ratio_mean": sequence_log_ratio.mean().item(),
-        "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
-        "kl_sequence": (sequence_log_ratio.clamp(max=20).exp() - 1 - sequence_log_ratio).mean().item(),
-        "equal_reward_groups": (rewards == rewards[:, :1]).all(-1).float().mean().item(),
-        **mass_leakage(policy_sequence_logp, behavior_sequence_logp, rollout.completion_ids, mask, cfg.group_size),
-        **{key: value for key, value in result.diagnostics.items() if key != "advantages"},
-    }
-    if cfg.loss in ("oapl", "apo", "pmd", "shifted"):
-        record.update(regime_diagnostics(advantages, rewards, cfg.beta))
-    if cfg.loss in ("oapl", "pmd", "shifted"):
-        record.update(mean_term_diagnostics(sequence_log_ratio.view_as(rewards), advantages, cfg.beta))
-    record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch,
-                  rollout_seconds=rollout_seconds, update_seconds=update_seconds,
-                  rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9),
-                  update_tokens_per_s=tokens / max(update_seconds, 1e-9), **peak_memory(device))
-    return record
+def warm_start_folder(cfg: Config, source: str, steps: int) -> str:
+    """Where the warm start of this model, task and step count is cached under --out."""
+    key = f"{os.path.abspath(cfg.model) if cfg.model else source}|{steps}"
+    if cfg.task != "arith":
+        key += f"|{cfg.task}|{os.path.abspath(cfg.data)}|{cfg.question_field}|{cfg.answer_field}"
+    if cfg.model and cfg.plain_prompts:
+        key += "|plain"
+    return os.path.join(cfg.out, f"warmstart_{hashlib.sha1(key.encode()).hexdigest()[:8]}")
 
 
+def save_model_atomically(model, tokenizer, folder: str) -> None:
+    """save_pretrained into folder.tmp, then rename: a half-written model is never picked up."""
+    tmp_dir = folder + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    model.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    os.replace(tmp_dir, folder)
+
+
+def checkpoint_path(run: Run) -> str:
+    return os.path.join(run.folder, "checkpoint.pt")
+
+
+def save_run_checkpoint(run: Run, step: int) -> None:
+    """What a resumed run needs to continue as if it had never stopped (not the reference: it is the warm start)."""
+    models = run.models
+    save_checkpoint(checkpoint_path(run), {
+        "step": step, "policy": models.policy.state_dict(), "generator": models.generator.state_dict(),
+        "optimizer": models.optimizer.state_dict(), "prompt_rng": run.prompt_rng.getstate(),
+        "ref_values": run.ref_values, "totals": run.totals})
+
+
+def write_run_start(run: Run) -> None:
+    """Rank 0: the run's folder, config.json (the flags and what they resolved to), the warm start's
+    accuracy as metrics.jsonl's step 0, and the step-0 checkpoint."""
+    if not run.process.writes:
+        return
+    os.makedirs(run.folder, exist_ok=True)
+    with open(os.path.join(run.folder, "config.json"), "w") as f:
+        json.dump({**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
+                   "resolved_precision": run.models.precision, "processes": run.process.world}, f, indent=1)
+    append_metrics(os.path.join(run.folder, "metrics.jsonl"), {"step": 0, "eval_accuracy": run.evals[0]})
+    save_run_checkpoint(run, 0)
+
+
+def resume_run(run: Run) -> int:
+    """--resume: every process loads the last checkpoint; rank 0 drops the metrics lines written after
+    it. Returns the checkpoint's step."""
+    state = torch.load(checkpoint_path(run), map_location="cpu", weights_only=False)
+    run.models.policy.load_state_dict(state["policy"])
+    run.models.generator.load_state_dict(state["generator"])
+    run.models.optimizer.load_state_dict(state["optimizer"])
+    run.prompt_rng.setstate(state["prompt_rng"])
+    run.ref_values, run.totals = state["ref_values"], state["totals"]
+    if run.process.writes:
+        metrics_path = os.path.join(run.folder, "metrics.jsonl")
+        drop_metrics_after(metrics_path, state["step"])
+        tqdm.write(f"resuming {run.folder} at step {state['step']}")
+        run.evals = [m["eval_accuracy"] for m in read_metrics(metrics_path) if "eval_accuracy" in m]
+    return state["step"]
+
+
+def write_summary(run: Run) -> dict:
+    """summary.json: accuracy before and after RL, and how long it took."""
+    cfg, totals = run.cfg, run.totals
+    summary = {"run": run.folder, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
+               "warm_start_accuracy": run.evals[0], "final_accuracy": run.evals[-1], "best_accuracy": max(run.evals),
+               "minutes": totals["seconds"] / 60,
+               "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9)}
+    with open(os.path.join(run.folder, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write then rename, so a crash mid-write never replaces the last good checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def append_metrics(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def drop_metrics_after(path: str, step: int) -> None:
+    """Resume: the lines of steps after the checkpoint's are dropped (rewritten, then renamed)."""
+    kept = [m for m in read_metrics(path) if m["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in kept)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Several processes (torchrun): each trains on its share of every batch, DDP averages the gradients,
-# rank 0 gathers the batch for the metrics and writes every file. One process: Processes().
+# rank 0 gathers the batch for the metrics and writes every file.
+# ----------------------------------------------------------------------------------------------
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)  # a warm start or a grid's slowest cell can take hours
 
 
 @dataclass(frozen=True)
-class Processes:
+class TorchrunProcess:
+    """This process's place among the processes torchrun started; TorchrunProcess() is a lone process,
+    for which every method below does nothing."""
     rank: int = 0         # this process among `world` (torchrun's RANK)
     world: int = 1        # processes that share each batch (WORLD_SIZE)
     local_rank: int = 0   # its GPU on its machine (LOCAL_RANK)
     quiet: bool = False   # no progress bar (the grid's cells on ranks other than 0)
 
-    def share(self, count: int) -> slice:
-        """This process's contiguous share of `count` items (a multiple of world)."""
-        size = count // self.world
-        return slice(self.rank * size, (self.rank + 1) * size)
+    @property
+    def writes(self) -> bool:
+        """Rank 0 writes every file and prints; the others only compute."""
+        return self.rank == 0
+
+    def share(self, prompts: list, noise: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """This process's contiguous share of a step's prompts (a multiple of world) and their rows of the
+        step's noise (G per prompt): the same draws as one process, so the step samples the same completions."""
+        size = len(prompts) // self.world
+        mine = slice(self.rank * size, (self.rank + 1) * size)
+        return prompts[mine], noise.view(len(prompts), -1, noise.shape[-1])[mine].flatten(0, 1)
+
+    def whole_batch(self, cfg: Config, result: StepResult, pad_id: int) -> StepResult | None:
+        """The step as one process would see it: every share gathered on rank 0 (None on the others)."""
+        return result if self.world == 1 else gather_step(cfg, result, self, pad_id)
+
+    def batch_starts(self, count: int, batch_size: int) -> range:
+        """Where this process's evaluation batches start: every world-th batch of one process's."""
+        return range(self.rank * batch_size, count, self.world * batch_size)
+
+    def total(self, value: float, device: torch.device) -> float:
+        """The sum of `value` over the processes."""
+        if self.world == 1:
+            return value
+        total = torch.tensor(value, device=device)
+        dist.all_reduce(total)
+        return total.item()
+
+    @contextlib.contextmanager
+    def rank_zero_first(self):
+        """Rank 0 runs the block (say, builds and caches the warm start), then the others do (and find it)."""
+        if self.rank != 0:
+            dist.barrier()
+        yield
+        if self.rank == 0 and self.world > 1:
+            dist.barrier()
 
 
-def torchrun_processes() -> Processes:
-    """This process's place as torchrun's environment gives it; one process without torchrun."""
-    return Processes(*(int(os.environ.get(name, default)) for name, default in
-                       (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
+def torchrun_process() -> TorchrunProcess:
+    """This process's place as torchrun's environment gives it; a lone process without torchrun."""
+    return TorchrunProcess(*(int(os.environ.get(name, default)) for name, default in
+                             (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
 
 
-def join_processes(procs: Processes, device: torch.device, backend: str) -> None:
+def join_processes(process: TorchrunProcess, device: torch.device, backend: str) -> None:
     """Join torchrun's process group (NCCL between GPUs, gloo otherwise); on CUDA a process's GPU is its
     local rank (a CPU run never touches the GPUs, however many torch sees)."""
-    if procs.world == 1 or dist.is_initialized():
+    if process.world == 1 or dist.is_initialized():
         return
     if device.type == "cuda":
-        torch.cuda.set_device(procs.local_rank)
+        torch.cuda.set_device(process.local_rank)
     dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
 
 
-def check_config_on_every_process(cfg: Config, procs: Processes) -> None:
+def check_config_on_every_process(cfg: Config, process: TorchrunProcess) -> None:
     """check_config; under torchrun every process then joins the process group and they share what
     they found, so a bad setting stops them all and rank 0 reports it (torchrun stops the other
     processes as soon as one exits, so each must know before any leaves)."""
-    if procs.world == 1:
+    if process.world == 1:
         return check_config(cfg)
     try:
-        check_config(cfg, procs.world)
+        check_config(cfg, process.world)
         error = None
     except UsageError as found:
         error = str(found)
     device = device_and_precision(cfg)[0]  # a grid's processes only wait for each other: gloo
-    join_processes(procs, device, "nccl" if device.type == "cuda" and not cfg.compare else "gloo")
-    errors = [None] * procs.world
+    join_processes(process, device, "nccl" if device.type == "cuda" and not cfg.compare else "gloo")
+    errors = [None] * process.world
     dist.all_gather_object(errors, error)
     if any(errors):
         raise UsageError(next(e for e in errors if e))
-
-
-@contextlib.contextmanager
-def rank_zero_first(procs: Processes):
-    """Rank 0 runs the block (say, builds and caches the warm start), then the others do (and find it)."""
-    if procs.rank != 0:
-        dist.barrier()
-    yield
-    if procs.rank == 0 and procs.world > 1:
-        dist.barrier()
-
-
-def step_share(cfg: Config, step: int, batch: list, procs: Processes) -> tuple[list, torch.Tensor]:
-    """This process's prompts of the step's global batch and their sampling noise, G rows per prompt:
-    its rows of the same draws as a one-process run, so the step samples the same completions."""
-    noise = sampling_noise(f"{cfg.seed}|{step}", len(batch) * cfg.group_size, cfg.max_new_tokens)
-    mine = procs.share(len(batch))
-    return batch[mine], noise.view(len(batch), cfg.group_size, -1)[mine].flatten(0, 1)
 
 
 def stack_rows(tensors: list[torch.Tensor], value=0, left: bool = False) -> torch.Tensor:
@@ -1544,20 +1767,24 @@ def stack_rows(tensors: list[torch.Tensor], value=0, left: bool = False) -> torc
                       for t in tensors])
 
 
-def gather_step(cfg: Config, result: StepResult, procs: Processes, pad_id: int) -> StepResult | None:
+def gather_step(cfg: Config, result: StepResult, process: TorchrunProcess, pad_id: int) -> StepResult | None:
     """Every process's share of a step, on rank 0, as the StepResult of the global batch (rows in rank
     order, as one process orders them; padded to the widest share), its loss and diagnostics computed
     again on it and the slowest process's timings, so its metrics read as a one-process run's. None
     on the other ranks."""
-    cpu = lambda tensor: None if tensor is None else tensor.cpu()  # noqa: E731
-    local = (result.rollout.apply(cpu), *map(cpu, (result.rewards, result.policy_logp, result.entropy,
+    def to_cpu(tensor):
+        return None if tensor is None else tensor.cpu()
+
+    local = (result.rollout.apply(to_cpu), *map(to_cpu, (result.rewards, result.policy_logp, result.entropy,
                                                     result.ref_logp, result.ref_value)), result.seconds)
-    shares = [None] * procs.world if procs.rank == 0 else None
+    shares = [None] * process.world if process.rank == 0 else None
     dist.gather_object(local, shares, dst=0)
-    if procs.rank != 0:
+    if process.rank != 0:
         return None
     rollouts, rewards, policy_logps, entropies, ref_logps, ref_values, seconds = zip(*shares)
-    each = lambda name: [getattr(r, name) for r in rollouts]  # noqa: E731
+    def each(name):  # that field of every share's rollout
+        return [getattr(rollout, name) for rollout in rollouts]
+
     rollout = Rollout(stack_rows(each("prompt_ids"), pad_id, left=True), stack_rows(each("prompt_mask"), left=True),
                       stack_rows(each("completion_ids"), pad_id), stack_rows(each("completion_mask")),
                       stack_rows(each("behavior_logp")), torch.cat(each("truncated")), result.rollout.staleness)
@@ -1570,103 +1797,27 @@ def gather_step(cfg: Config, result: StepResult, procs: Processes, pad_id: int) 
                       ref_logp, ref_value)
 
 
-def train(cfg: Config, problems: tuple[list, list] | None = None, procs: Processes = Processes()) -> dict | None:
-    """One run. Under torchrun every process runs this on its share of each batch, in the process
-    group that `main` joined; rank 0 writes the files and returns the summary, the others None."""
-    device, precision = device_and_precision(cfg)
-    writer = procs.rank == 0
-    run_dir = run_folder(cfg)
-    metrics_path, checkpoint_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoint.pt")
-    train_problems, eval_problems = problems or load_task(cfg)
-    if len(train_problems) < cfg.prompts_per_step:
-        raise UsageError(f"{len(train_problems)} training problems are fewer than --prompts-per-step "
-                         f"{cfg.prompts_per_step}")
-    with rank_zero_first(procs):  # a warm start is built once and cached; the other processes load it
-        policy, tokenizer, source = load_model(cfg, train_problems, device)
-    learner = make_learner(cfg, policy, device, precision, procs.world)
-    generator, optimizer = learner.generator, learner.optimizer
-    prompt_rng = random.Random(cfg.seed)  # sampling noise is keyed by (seed, step): see step_share
-    ref_values: dict[str, float] = {}
-    eval_batch = cfg.prompts_per_step * cfg.group_size  # the rollout's memory footprint
+class LogprobsForDDP(torch.nn.Module):
+    """`completion_logprobs(policy, ...)` as one module call: the unit DistributedDataParallel wraps
+    under torchrun (the prompt and completion passes of a micro-batch are one forward for it)."""
 
-    def accuracy() -> float:
-        with autocast(device, precision):
-            return evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens, eval_batch, CHECKERS[cfg.checker],
-                            procs.rank, procs.world)
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(checkpoint_path, {
-            "step": step, "policy": policy.state_dict(), "generator": generator.state_dict(),
-            "optimizer": optimizer.state_dict(), "prompt_rng": prompt_rng.getstate(), "ref_values": ref_values,
-            "totals": totals})
+    def forward(self, rollout: Rollout, temperature: float):
+        return completion_logprobs(self.policy, rollout, temperature)
 
-    totals = {"seconds": 0.0, "rollout_seconds": 0.0, "rollout_tokens": 0}
-    if cfg.resume:  # every process loads the same checkpoint
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        policy.load_state_dict(state["policy"])
-        generator.load_state_dict(state["generator"])
-        optimizer.load_state_dict(state["optimizer"])
-        prompt_rng.setstate(state["prompt_rng"])
-        ref_values, totals, start_step = state["ref_values"], state["totals"], state["step"]
-        if writer:
-            drop_metrics_after(metrics_path, start_step)
-            tqdm.write(f"resuming {run_dir} at step {start_step}")
-    else:
-        start_step = 0
-        start_accuracy = accuracy()
-        if writer:
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump({**dataclasses.asdict(cfg), "model_source": source, "device": str(device),
-                           "resolved_precision": precision, "processes": procs.world}, f, indent=1)
-            append_metrics(metrics_path, {"step": 0, "eval_accuracy": start_accuracy})
-            checkpoint(0)
-    evals = [m["eval_accuracy"] for m in read_metrics(metrics_path) if "eval_accuracy" in m] if writer else []
 
-    started = time.time() - totals["seconds"]
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run_dir), initial=start_step,
-               total=cfg.steps, dynamic_ncols=True, disable=not writer or procs.quiet)
-    for step in bar:
-        # 1. the generator is refreshed from the policy every `lag` steps (staleness 0), stale in between;
-        # 2. it samples, the completions are scored, the policy is updated
-        staleness = (step - 1) % cfg.lag
-        batch, noise = step_share(cfg, step, prompt_rng.sample(train_problems, cfg.prompts_per_step), procs)
-        try:
-            result = rl_step(cfg, learner, tokenizer, batch, staleness, noise, ref_values)
-        except TrainingDiverged as error:
-            raise TrainingDiverged(f"{error} at step {step}; the last good checkpoint stays in {checkpoint_path}")
-        if procs.world > 1:
-            result = gather_step(cfg, result, procs, tokenizer.pad_token_id)  # the global batch, on rank 0
-        step_accuracy = accuracy() if step % cfg.eval_every == 0 or step == cfg.steps else None
-        if not writer:
-            continue
-        record = step_metrics(cfg, step, result, device)  # 3. diagnostics, on the batch as the policy saw it
-        totals["rollout_seconds"] += result.seconds["generation"]
-        totals["rollout_tokens"] += int(result.rollout.completion_mask.sum())
-        if step_accuracy is not None:
-            record["eval_accuracy"] = step_accuracy
-            evals.append(step_accuracy)
-        append_metrics(metrics_path, record)
-        totals["seconds"] = time.time() - started
-        if step_accuracy is not None:
-            checkpoint(step)
-        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{evals[-1]:.3f}", stale=staleness)
-    bar.close()
-    if not writer:
-        return None
-
-    summary = {"run": run_dir, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
-               "warm_start_accuracy": evals[0], "final_accuracy": evals[-1], "best_accuracy": max(evals),
-               "minutes": totals["seconds"] / 60,
-               "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9)}
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+def logprobs_for_ddp(policy, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel(LogprobsForDDP(policy)): its backward averages the gradients of the processes."""
+    return torch.nn.parallel.DistributedDataParallel(
+        LogprobsForDDP(policy), device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Comparison grid: the same budget for every (loss, lag, seed[, beta_v | shift]) cell, one run
-# folder each; a finished cell is never rerun, an interrupted one resumes.
+# Comparison grid: the same budget for every (loss, lag, seed[, beta_v | shift]) cell, one run folder
+# each; a finished cell is never rerun, an interrupted one resumes. Then the table and the plots.
 # ----------------------------------------------------------------------------------------------
 PRESETS = {
     "lags": {"losses": "ppo,tis,pmd,oapl,shifted", "lags": "1,16,64,256", "seeds": "1,2,3", "steps": 300},
@@ -1732,19 +1883,19 @@ def cell_label(cell: Config) -> str:
     return f"{cell.loss}{extra}"
 
 
-def run_grid(cfg: Config, procs: Processes = Processes()) -> list[dict] | None:
+def run_grid(cfg: Config, process: TorchrunProcess = TorchrunProcess()) -> list[dict] | None:
     """Run every unfinished cell in turn, then write compare.md / compare.csv (and plots) under --out.
     Under torchrun, process r runs cells r, r + world, ... as one-process runs (on its own GPU), and
     rank 0 writes the tables when every process is done (the others return None)."""
     cells = grid_cells(cfg)
     problems = load_task(cfg)  # the same data for every cell
-    if procs.world > 1:  # each warm start is built once, by rank 0, before any cell loads it
-        if procs.rank == 0:
+    if process.world > 1:  # each warm start is built once, by rank 0, before any cell loads it
+        if process.rank == 0:
             for cell in {cell.warm_start_steps: cell for cell in cells}.values():
                 load_model(cell, problems[0], device_and_precision(cell)[0])
         dist.barrier()
-    cell_processes = Processes(quiet=procs.rank != 0)  # a cell is a one-process run (on this process's GPU)
-    for cell in tqdm(cells[procs.rank::procs.world], desc="grid", dynamic_ncols=True, disable=procs.rank != 0):
+    cell_process = TorchrunProcess(quiet=process.rank != 0)  # a cell is a one-process run (on this process's GPU)
+    for cell in tqdm(cells[process.rank::process.world], desc="grid", dynamic_ncols=True, disable=process.rank != 0):
         folder = run_folder(cell)
         summary_path = os.path.join(folder, "summary.json")
         if os.path.exists(summary_path):
@@ -1753,10 +1904,10 @@ def run_grid(cfg: Config, procs: Processes = Processes()) -> list[dict] | None:
                     continue  # finished: never rerun
         resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
         torch._dynamo.reset()  # --compile: drop the previous cell's compiled decode steps (and their models)
-        train(dataclasses.replace(cell, resume=resume), problems, cell_processes)
-    if procs.world > 1:
+        train(dataclasses.replace(cell, resume=resume), problems, cell_process)
+    if process.world > 1:
         dist.barrier()
-    if procs.rank != 0:
+    if process.rank != 0:
         return None
     runs = grouped_runs(cells)
     rows = grid_table(runs)
@@ -1816,16 +1967,19 @@ def grid_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict
     return rows
 
 
+def dash_if_nan(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
+
+
 def format_grid_table(rows: list[dict]) -> str:
     lines = ["| loss | lag | final accuracy (mean +- std) | best | final entropy | c>0 / c=0 / c<0 | "
              "clip fraction | max ratio | mass leakage | mean advantage | minutes |", "|" + "---|" * 11]
     for r in rows:
         regime = ("-" if math.isnan(r["regime_positive"]) else
                   f"{r['regime_positive']:.2f} / {r['regime_boundary']:.2f} / {r['regime_negative']:.2f}")
-        optional = lambda v, fmt: "-" if math.isnan(v) else format(v, fmt)
         lines.append(f"| {r['loss']} | {r['lag']} | {r['final_accuracy']:.3f} +- {r['final_accuracy_std']:.3f} "
                      f"({r['seeds']}) | {r['best_accuracy']:.3f} | {r['final_entropy']:.3f} | {regime} | "
-                     f"{optional(r['clip_fraction'], '.3f')} | {optional(r['ratio_max'], '.2f')} | "
+                     f"{dash_if_nan(r['clip_fraction'], '.3f')} | {dash_if_nan(r['ratio_max'], '.2f')} | "
                      f"{r['mass_leakage']:.3f} | {r['advantage_mean']:+.3f} | {r['minutes']:.2f} |")
     return "\n".join(lines)
 
@@ -1874,7 +2028,7 @@ def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> 
 
 
 def plot_mechanism(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> None:
-    """PAPER.md section 8's plots: final accuracy and mass leakage against the mean advantage (a point
+    """The mean term's plots: final accuracy and mass leakage against the mean advantage (a point
     per cell and seed; marker: filled when most groups are at c > 0), and the sequence KL(mu || pi)
     over a stale cycle per loss, with the mean term's prediction -Abar / beta dashed."""
     plt = pyplot()
@@ -1920,10 +2074,30 @@ def plot_mechanism(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str
     figure.savefig(os.path.join(out, "kl_stale_cycle.png"), dpi=110)
     plt.close(figure)
 
+
 # ----------------------------------------------------------------------------------------------
-# Benchmark: seconds per RL step (generation / reference log-probs / update), tokens/s, peak memory,
-# and the share of the machine's measured matmul throughput that the step's useful FLOPs reach.
+# Benchmark: seconds per RL step, tokens/s, peak memory, and the share of the machine's measured matmul
+# throughput that the step's useful FLOPs reach.
 # ----------------------------------------------------------------------------------------------
+MODEL_SHAPES = {  # --bench-shape: published configurations, built with random weights so they run offline
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+
+def shape_model(shape: str, seed: int = 0):
+    """A Llama of the named shape with random weights, and the character tokenizer padded to its vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(MODEL_SHAPES[shape])
+    tokenizer = build_char_tokenizer(config["vocab_size"])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**config, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return model, tokenizer
+
+
 def few_shot_prompts(problems: list[tuple[str, str]], count: int, min_chars: int, rng: random.Random):
     """Addition prompts of at least min_chars characters (= tokens): solved examples, then the question."""
     prompts = []
@@ -1963,15 +2137,15 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
         source = f"{cfg.bench_shape} (random weights)"
     else:
         policy, tokenizer, source = load_model(dataclasses.replace(cfg, warm_start_steps=0), train_problems, device)
-    learner = make_learner(cfg, policy, device, precision)
+    models = prepare_models(cfg, policy, device, precision)
     prompt_rng = random.Random(cfg.seed)
     timed = {"generation": 0.0, "logprobs": 0.0, "update": 0.0, "generated_tokens": 0, "trained_tokens": 0,
              "micro_batch": 0}
     matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     matmul_before = matmul_flops_per_second(device, matmul_dtype)  # measured before and after the steps:
     for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
-        batch, noise = step_share(cfg, step, prompt_rng.sample(train_problems, cfg.prompts_per_step), Processes())
-        result = rl_step(cfg, learner, tokenizer, batch, step % cfg.lag, noise, {})
+        batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
+        result = rl_step(cfg, models, tokenizer, batch, step % cfg.lag, step_noise(cfg, step, len(batch)), {})
         if step == 0:
             continue  # warm-up: allocator, kernels, first-call overheads
         timed["generation"] += result.seconds["generation"]
@@ -1991,10 +2165,10 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
         "model": source, "parameters": parameters, "device": str(device), "precision": precision,
         "threads": torch.get_num_threads(), "loss": cfg.loss, "prompts_per_step": cfg.prompts_per_step,
         "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": timed["micro_batch"],
-        "micro_batch_auto": cfg.micro_batch == 0, "compiled_decoding": hasattr(learner.generator, "static_decoding"),
+        "micro_batch_auto": cfg.micro_batch == 0, "compiled_decoding": hasattr(models.generator, "static_decoding"),
         "timed_steps": steps, "seconds_per_step": seconds,
         "generation_seconds": timed["generation"] / steps,
-        **({"logprob_seconds": timed["logprobs"] / steps} if learner.reference is not None else {}),
+        **({"logprob_seconds": timed["logprobs"] / steps} if models.reference is not None else {}),
         "update_seconds": timed["update"] / steps,
         "generated_tokens_per_step": timed["generated_tokens"] / steps,
         "trained_tokens_per_step": timed["trained_tokens"] / steps,
@@ -2039,7 +2213,7 @@ def format_bench(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Main: parse and check the flags, train (or run the grid), print the summary table.
+# Main: parse and check the flags, train (or run the grid, or benchmark), print the summary.
 # ----------------------------------------------------------------------------------------------
 def format_summary(summary: dict) -> str:
     header = "| loss | lag | steps | warm-start accuracy | final accuracy | minutes | rollout tokens/s |"
@@ -2049,30 +2223,30 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    procs = torchrun_processes()  # one process without torchrun
+    process = torchrun_process()  # a lone process without torchrun
     try:
         cfg = parse_config(argv)
-        check_config_on_every_process(cfg, procs)  # under torchrun: then joins the process group
+        check_config_on_every_process(cfg, process)  # under torchrun: then joins the process group
         if cfg.bench:
             report = benchmark(cfg, load_task(cfg))
             print(format_bench(report))
             print(f"written: {report['path']}")
             return 0
         if cfg.compare:
-            rows = run_grid(cfg, procs)
+            rows = run_grid(cfg, process)
             if rows is not None:
                 print(format_grid_table(rows))
                 print(f"tables: {os.path.join(cfg.out, 'compare.md')}, {os.path.join(cfg.out, 'compare.csv')}")
             return 0
-        summary = train(cfg, load_task(cfg), procs)  # a bad data file stops here, before any model is loaded
+        summary = train(cfg, load_task(cfg), process)  # a bad data file stops here, before any model is loaded
     except UsageError as error:
-        if procs.rank == 0:  # every process has the same error: one line
+        if process.rank == 0:  # every process has the same error: one line
             print(f"error: {error}", file=sys.stderr)
         if dist.is_initialized():
             dist.barrier()  # none leaves before rank 0 has printed
         return 2
     except TrainingDiverged as error:
-        if procs.rank == 0:  # the gradients are averaged: every process sees it
+        if process.rank == 0:  # the gradients are averaged: every process sees it
             print(f"error: {error}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
@@ -2082,7 +2256,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if procs.rank == 0:
+        if process.rank == 0:
             print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
                   file=sys.stderr)
         return 130
@@ -2098,3 +2272,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+

@@ -482,23 +482,23 @@ def moved(model, seed: int, scale: float = 0.05):
 
 def wiring_run(tiny, argv, monkeypatch, steps=1):
     """rl_step as train() calls it, for `steps` steps with the flags `argv`, from a generator that differs
-    from the policy (its first batch is stale). Returns the Learner, the policy as RL started, and for each
+    from the policy (its first batch is stale). Returns the ModelsAndOptimizer, the policy as RL started, and for each
     step (the policy before it, its StepResult, the gradient it applied); and the parsed flags."""
     monkeypatch.setitem(op.CHECKERS, "builtin", even_length_checker)
     model, tokenizer = tiny
     cfg = op.parse_config([*CPU, "--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "5",
                            "--grad-clip", "1e9", *argv])  # no gradient clipping: the raw gradient is compared
-    learner = op.make_learner(cfg, copy.deepcopy(model), torch.device("cpu"), "fp32")
-    start = copy.deepcopy(learner.policy)
-    learner.generator.load_state_dict(moved(model, seed=5).state_dict())
+    models = op.prepare_models(cfg, copy.deepcopy(model), torch.device("cpu"), "fp32")
+    start = copy.deepcopy(models.policy)
+    models.generator.load_state_dict(moved(model, seed=5).state_dict())
     steps_taken, ref_values = [], {}
     for step in range(1, steps + 1):
-        before = copy.deepcopy(learner.policy)
+        before = copy.deepcopy(models.policy)
         staleness = step % cfg.lag  # the first batch comes from the moved generator, not a refreshed one
-        result = op.rl_step(cfg, learner, tokenizer, WIRING_BATCH, staleness,
+        result = op.rl_step(cfg, models, tokenizer, WIRING_BATCH, staleness,
                             op.sampling_noise(f"wiring|{step}", 12, cfg.max_new_tokens), ref_values)
-        steps_taken.append((before, result, [p.grad.clone() for p in learner.policy.parameters()]))
-    return learner, start, steps_taken, cfg
+        steps_taken.append((before, result, [p.grad.clone() for p in models.policy.parameters()]))
+    return models, start, steps_taken, cfg
 
 
 def loss_and_gradient(policy, result, loss_of):
@@ -592,7 +592,7 @@ def test_truncated_mask_flag_drops_cut_completions_from_the_gradient_not_from_th
 
 def test_apo_is_anchored_on_the_reference_which_no_refresh_ever_touches(tiny, monkeypatch):
     flags = ["--loss", "apo", "--lag", "2", "--lr", "1e-2", "--truncated", "mask"]  # mask: cut ones keep a reward
-    learner, start, steps, cfg = wiring_run(tiny, flags, monkeypatch, steps=4)
+    models, start, steps, cfg = wiring_run(tiny, flags, monkeypatch, steps=4)
     assert [result.rollout.staleness for _, result, _ in steps] == [1, 0, 1, 0]  # two generator refreshes
     reference_value = op.reference_values(op.frozen_copy(start), tiny[1], WIRING_BATCH, {}, cfg)
     assert reference_value.unique().numel() > 1
@@ -610,9 +610,9 @@ def test_apo_is_anchored_on_the_reference_which_no_refresh_ever_touches(tiny, mo
             return op.apo_loss(logp, reference_logp, kept, rewards, reference_value, beta=0.1)
 
         assert_same_loss_and_gradient((result.loss, gradient), loss_and_gradient(before, result, anchored))
-    for kept, initial in zip(learner.reference.parameters(), start.parameters()):
+    for kept, initial in zip(models.reference.parameters(), start.parameters()):
         assert torch.equal(kept, initial)
-    assert any(not torch.equal(p, q) for p, q in zip(learner.generator.parameters(), start.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(models.generator.parameters(), start.parameters()))
 
 
 def test_apo_value_comes_from_the_reference_samples_once_per_prompt_wherever_it_is_first_seen(tiny, monkeypatch):
@@ -847,7 +847,7 @@ def test_device_cpu_keeps_a_run_and_its_processes_off_a_gpu_that_torch_sees(monk
     joined = []
     monkeypatch.setattr(op.dist, "init_process_group", lambda backend, **kwargs: joined.append(backend))
     monkeypatch.setattr(op.dist, "is_initialized", lambda: False)
-    op.join_processes(op.Processes(rank=1, world=2, local_rank=1), torch.device("cpu"), "gloo")
+    op.join_processes(op.TorchrunProcess(rank=1, world=2, local_rank=1), torch.device("cpu"), "gloo")
     assert joined == ["gloo"]
 
 
@@ -1404,14 +1404,14 @@ def test_the_learning_rate_default_depends_on_the_model(tmp_path):
 
 def test_bf16_keeps_the_generator_and_reference_in_bf16_and_the_policy_in_fp32(tiny):
     policy = op.build_tiny_model(tiny[1], seed=1)
-    learner = op.make_learner(op.Config(loss="apo", compile="off"), policy, torch.device("cpu"), "bf16")
-    assert next(learner.policy.parameters()).dtype == torch.float32
-    assert next(learner.generator.parameters()).dtype == torch.bfloat16
-    assert next(learner.reference.parameters()).dtype == torch.bfloat16
+    models = op.prepare_models(op.Config(loss="apo", compile="off"), policy, torch.device("cpu"), "bf16")
+    assert next(models.policy.parameters()).dtype == torch.float32
+    assert next(models.generator.parameters()).dtype == torch.bfloat16
+    assert next(models.reference.parameters()).dtype == torch.bfloat16
     with torch.no_grad():
         next(policy.parameters()).add_(0.5)
-    op.refresh_generator(learner.generator, policy)
-    for g, p in zip(learner.generator.parameters(), policy.parameters()):
+    op.refresh_generator(models.generator, policy)
+    for g, p in zip(models.generator.parameters(), policy.parameters()):
         assert torch.equal(g, p.to(torch.bfloat16))
 
 
@@ -1582,18 +1582,19 @@ def one_thread_main(argv):
 
 def first_step_gradient(rank, world, port, out, path):
     """One RL step in process `rank` of `world`; rank 0 saves the gradient that AdamW then applied."""
-    procs = op.Processes(rank, world, rank)
+    process = op.TorchrunProcess(rank, world, rank)
     if world > 1:  # a spawned process: what torchrun would set
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        op.join_processes(procs, torch.device("cpu"), "gloo")
+        op.join_processes(process, torch.device("cpu"), "gloo")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cfg = op.parse_config(["--out", out, *CPU, *DDP_RUN, "--grad-clip", "1e9"])  # no clipping
     train_problems = op.arithmetic_problems(40)[0]
     policy, tokenizer, _ = op.load_model(cfg, train_problems, torch.device("cpu"))  # the cached warm start
-    learner = op.make_learner(cfg, policy, torch.device("cpu"), "fp32", procs.world)
-    batch, noise = op.step_share(cfg, 1, op.random.Random(cfg.seed).sample(train_problems, 8), procs)
-    result = op.rl_step(cfg, learner, tokenizer, batch, 0, noise, {})
+    models = op.prepare_models(cfg, policy, torch.device("cpu"), "fp32", process.world)
+    prompts = op.random.Random(cfg.seed).sample(train_problems, 8)
+    batch, noise = process.share(prompts, op.step_noise(cfg, 1, len(prompts)))
+    result = op.rl_step(cfg, models, tokenizer, batch, 0, noise, {})
     if rank == 0:
         torch.save({"gradient": [p.grad for p in policy.parameters()], "rewards": result.rewards}, path)
     if world > 1:
