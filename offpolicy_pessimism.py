@@ -520,14 +520,6 @@ def regression_split(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: fl
     return centred, ((beta * log_ratio_mean - advantage_mean) ** 2).mean()
 
 
-def mean_term_diagnostics(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float) -> dict:
-    """The split for the group-constant baselines (pmd, shifted, oapl): the mean term's target for the
-    group's mean log-ratio, Abar / beta (achieved: log_ratio_mean), and the loss split into its parts."""
-    centred, mean_term = regression_split(log_ratio, advantages, beta)
-    return {"mean_term_target": (group_mean(advantages) / beta).mean().item(), "loss_centred": centred.item(),
-            "loss_mean_term": mean_term.item()}
-
-
 def lambert_w0(z: torch.Tensor, max_iterations: int = 50) -> torch.Tensor:
     """Principal branch W0(z) for z >= -1/e (W0(z) * exp(W0(z)) = z), by Halley's method in float64."""
     z = z.double()
@@ -647,8 +639,10 @@ def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.devic
     }
     if cfg.loss in ("oapl", "apo", "pmd", "shifted"):
         record.update(regime_diagnostics(advantages, rewards, cfg.beta))
-    if cfg.loss in ("oapl", "pmd", "shifted"):
-        record.update(mean_term_diagnostics(sequence_log_ratio.view_as(rewards), advantages, cfg.beta))
+    if cfg.loss in ("oapl", "pmd", "shifted"):  # group-constant baselines: the mean term's target for dbar, Abar / beta
+        centred, mean_term = regression_split(sequence_log_ratio.view_as(rewards), advantages, cfg.beta)
+        record.update(mean_term_target=(group_mean(advantages) / cfg.beta).mean().item(),
+                      loss_centred=centred.item(), loss_mean_term=mean_term.item())
     record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch,
                   **speed_and_memory(result, tokens, device))
     return record
@@ -852,7 +846,8 @@ def accuracy(run: Run) -> float:
                         cfg.prompts_per_step * cfg.group_size, CHECKERS[cfg.checker], run.process)
 
 
-def train(cfg: Config, problems: tuple[list, list] | None = None, process: TorchrunProcess | None = None) -> dict | None:
+def train(cfg: Config, problems: tuple[list, list] | None = None,
+          process: TorchrunProcess | None = None) -> dict | None:
     """One run. Under torchrun every process runs this on its share of each batch; rank 0 writes the
     files and returns the summary, the others None."""
     process = process or TorchrunProcess()
@@ -1297,15 +1292,11 @@ def new_cache(model) -> dict:
 
 
 def last_logits_only(model, count: int = 1) -> dict:
-    """The keyword argument that limits the logits to the last `count` positions, as this model takes it."""
-    name = _logits_kwarg(model)
-    return {name: count} if name else {}
-
-
-def _logits_kwarg(model) -> str | None:
-    """The argument that limits logits to the last k positions (`num_logits_to_keep` before transformers 4.50)."""
+    """The keyword argument that limits the logits to the last `count` positions, as this model takes it
+    (`num_logits_to_keep` before transformers 4.50; none for a model without it: then all positions)."""
     parameters = inspect.signature(model.forward).parameters
-    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
+    name = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
+    return {name: count} if name else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1335,15 +1326,9 @@ def static_decoding_supported() -> bool:
 
 
 class StaticDecoding:
-    """--compile: the sampler's decode step on a preallocated KV cache, compiled once.
-
-    The eager sampler's cache grows by a column per token, so every step has new shapes. Here the
-    cache has a fixed length (prompt width + max_new_tokens, rounded up to LENGTH_BUCKET) and is
-    reused for every batch of the same rows and length bucket, and the attention mask covers all of
-    it (slots not yet written are hidden by the causal mask): every step has the same shapes, so
-    torch.compile captures the one-token forward once (on CUDA as a CUDA graph, mode
-    "reduce-overhead"). Sampling, log-probs and masks stay in the eager loop of `_sample`.
-    """
+    """--compile: the decode step on a KV cache of fixed length (prompt width + max_new_tokens, rounded up
+    to LENGTH_BUCKET, reused across batches) with one attention mask for every step, so every step has
+    the same shapes and torch.compile captures the one-token forward once (a CUDA graph on a GPU)."""
 
     def __init__(self, model, backend="inductor", mode: str | None = None):
         self.model, self.caches, self.cuda_graphs = model, {}, mode == "reduce-overhead"
@@ -1420,7 +1405,6 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     completions run on top. With G completions per prompt this removes (G - 1) / G of the prompt work.
     Gradient checkpointing drops KV caches, so with it every row runs prompt and completion at once.
     """
-    logits_kwarg = _logits_kwarg(model)
     rows_with_prompt = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
     unique_rows, row_to_prompt = torch.unique_consecutive(rows_with_prompt, dim=0, return_inverse=True)
     checkpointing = any(getattr(module, "gradient_checkpointing", False) is True and module.training
@@ -1429,7 +1413,8 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
         mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
         logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1), attention_mask=mask.long(),
                        position_ids=position_ids(mask), **last_logits_only(model, completion_ids.shape[1])).logits
-        return logits if logits_kwarg else logits[:, -completion_ids.shape[1]:]  # a slice's backward zero-fills
+        width = completion_ids.shape[1]  # slice only when needed: a slice's backward zero-fills
+        return logits[:, -width:] if logits.shape[1] > width else logits
     unique_ids, unique_mask = unique_rows.split(prompt_ids.shape[1], dim=1)
     unique_mask = unique_mask.bool()
     cache = new_cache(model)
@@ -1680,8 +1665,8 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)  # a warm start or a grid's
 
 @dataclass(frozen=True)
 class TorchrunProcess:
-    """This process's place among the processes torchrun started; TorchrunProcess() is a lone process,
-    for which every method below does nothing."""
+    """This process's place among the processes torchrun started; for a lone process (TorchrunProcess())
+    every method below leaves things as they are."""
     rank: int = 0         # this process among `world` (torchrun's RANK)
     world: int = 1        # processes that share each batch (WORLD_SIZE)
     local_rank: int = 0   # its GPU on its machine (LOCAL_RANK)
@@ -1772,19 +1757,15 @@ def gather_step(cfg: Config, result: StepResult, process: TorchrunProcess, pad_i
     order, as one process orders them; padded to the widest share), its loss and diagnostics computed
     again on it and the slowest process's timings, so its metrics read as a one-process run's. None
     on the other ranks."""
-    def to_cpu(tensor):
-        return None if tensor is None else tensor.cpu()
-
+    to_cpu = lambda tensor: None if tensor is None else tensor.cpu()  # noqa: E731
     local = (result.rollout.apply(to_cpu), *map(to_cpu, (result.rewards, result.policy_logp, result.entropy,
-                                                    result.ref_logp, result.ref_value)), result.seconds)
+                                                          result.ref_logp, result.ref_value)), result.seconds)
     shares = [None] * process.world if process.rank == 0 else None
     dist.gather_object(local, shares, dst=0)
     if process.rank != 0:
         return None
     rollouts, rewards, policy_logps, entropies, ref_logps, ref_values, seconds = zip(*shares)
-    def each(name):  # that field of every share's rollout
-        return [getattr(rollout, name) for rollout in rollouts]
-
+    each = lambda name: [getattr(rollout, name) for rollout in rollouts]  # noqa: E731  (a field of every share)
     rollout = Rollout(stack_rows(each("prompt_ids"), pad_id, left=True), stack_rows(each("prompt_mask"), left=True),
                       stack_rows(each("completion_ids"), pad_id), stack_rows(each("completion_mask")),
                       stack_rows(each("behavior_logp")), torch.cat(each("truncated")), result.rollout.staleness)
@@ -1967,11 +1948,8 @@ def grid_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict
     return rows
 
 
-def dash_if_nan(value: float, spec: str) -> str:
-    return "-" if math.isnan(value) else format(value, spec)
-
-
 def format_grid_table(rows: list[dict]) -> str:
+    dash_if_nan = lambda value, spec: "-" if math.isnan(value) else format(value, spec)  # noqa: E731
     lines = ["| loss | lag | final accuracy (mean +- std) | best | final entropy | c>0 / c=0 / c<0 | "
              "clip fraction | max ratio | mass leakage | mean advantage | minutes |", "|" + "---|" * 11]
     for r in rows:
@@ -2008,16 +1986,10 @@ def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> 
         figure, axes = plt.subplots(1, len(lags), figsize=(4 * len(lags), 3.2), squeeze=False, sharey=True)
         for axis, lag in zip(axes[0], lags):
             for (label, cell_lag), cell_runs in grouped.items():
-                if cell_lag != lag:
-                    continue
-                points: dict[int, list] = {}
-                for run, _ in cell_runs:
-                    for m in run:
-                        if key in m:
-                            points.setdefault(m["step"], []).append(m[key])
-                if points:
-                    steps = sorted(points)
-                    axis.plot(steps, [sum(points[s]) / len(points[s]) for s in steps], label=label)
+                points = [m for run, _ in cell_runs for m in run if key in m] if cell_lag == lag else []
+                steps = sorted({m["step"] for m in points})  # the mean over seeds at each step
+                if steps:
+                    axis.plot(steps, [mean([m[key] for m in points if m["step"] == s]) for s in steps], label=label)
             axis.set_title(f"lag {lag}")
             axis.set_xlabel("step")
         axes[0][0].set_ylabel(title)
@@ -2139,21 +2111,18 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
         policy, tokenizer, source = load_model(dataclasses.replace(cfg, warm_start_steps=0), train_problems, device)
     models = prepare_models(cfg, policy, device, precision)
     prompt_rng = random.Random(cfg.seed)
-    timed = {"generation": 0.0, "logprobs": 0.0, "update": 0.0, "generated_tokens": 0, "trained_tokens": 0,
-             "micro_batch": 0}
+    timed_steps = []
     matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     matmul_before = matmul_flops_per_second(device, matmul_dtype)  # measured before and after the steps:
     for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
         result = rl_step(cfg, models, tokenizer, batch, step % cfg.lag, step_noise(cfg, step, len(batch)), {})
-        if step == 0:
-            continue  # warm-up: allocator, kernels, first-call overheads
-        timed["generation"] += result.seconds["generation"]
-        timed["logprobs"] += result.seconds["logprobs"]
-        timed["update"] += result.seconds["update"]
-        timed["micro_batch"] = result.micro_batch
-        timed["generated_tokens"] += int(result.rollout.completion_mask.sum())
-        timed["trained_tokens"] += int(result.rollout.completion_mask.sum() + result.rollout.prompt_mask.sum())
+        if step > 0:  # step 0 warms up the allocator, the kernels and first-call overheads
+            timed_steps.append(result)
+    timed = {key: sum(result.seconds[key] for result in timed_steps) for key in ("generation", "logprobs", "update")}
+    timed["generated_tokens"] = sum(int(result.rollout.completion_mask.sum()) for result in timed_steps)
+    timed["trained_tokens"] = timed["generated_tokens"] + sum(int(result.rollout.prompt_mask.sum())
+                                                              for result in timed_steps)
 
     steps = cfg.bench
     seconds = (timed["generation"] + timed["logprobs"] + timed["update"]) / steps
@@ -2164,7 +2133,7 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
     report = {
         "model": source, "parameters": parameters, "device": str(device), "precision": precision,
         "threads": torch.get_num_threads(), "loss": cfg.loss, "prompts_per_step": cfg.prompts_per_step,
-        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": timed["micro_batch"],
+        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": timed_steps[-1].micro_batch,
         "micro_batch_auto": cfg.micro_batch == 0, "compiled_decoding": hasattr(models.generator, "static_decoding"),
         "timed_steps": steps, "seconds_per_step": seconds,
         "generation_seconds": timed["generation"] / steps,

@@ -2,6 +2,7 @@
 
 import builtins
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -482,8 +483,8 @@ def moved(model, seed: int, scale: float = 0.05):
 
 def wiring_run(tiny, argv, monkeypatch, steps=1):
     """rl_step as train() calls it, for `steps` steps with the flags `argv`, from a generator that differs
-    from the policy (its first batch is stale). Returns the ModelsAndOptimizer, the policy as RL started, and for each
-    step (the policy before it, its StepResult, the gradient it applied); and the parsed flags."""
+    from the policy (its first batch is stale). Returns the models and optimizer, the policy as RL started,
+    for each step (the policy before it, its StepResult, the gradient it applied), and the parsed flags."""
     monkeypatch.setitem(op.CHECKERS, "builtin", even_length_checker)
     model, tokenizer = tiny
     cfg = op.parse_config([*CPU, "--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "5",
@@ -1452,7 +1453,7 @@ def test_out_of_gpu_memory_is_one_line_naming_the_flag_to_lower(tmp_path, monkey
 
 
 # ---------------------------------------------------------------------------------------------
-# Why a ratio-free loss is stable: the mean term of PAPER.md section 8
+# Why a ratio-free loss is stable: the split of eq. 1 into a centred part and a mean term
 # ---------------------------------------------------------------------------------------------
 SPLIT_REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
 
@@ -1673,3 +1674,37 @@ def test_a_grid_on_two_processes_writes_the_one_process_table(ddp_warm_out, tmp_
 
     assert len(table(two)) == 5 and table(two) == table(one)
     assert len([d for d in os.listdir(two) if "_lag" in d]) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The README: its flags table is --help's, its example runs as written, it stands on its own
+# ---------------------------------------------------------------------------------------------
+def readme() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_readme_flags_table_has_every_flag_and_every_choice():
+    rows = {line.split("|")[1].strip(" `"): line for line in readme().splitlines() if line.startswith("| `--")}
+    flags = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(op.Config)}
+    assert set(rows) == set(flags)  # no flag missing, none that the script no longer has
+    for name, f in flags.items():
+        for choice in f.metadata.get("choices") or ():
+            assert not choice or f"`{choice}`" in rows[name], (name, choice)
+    assert all(f"`{preset}`" in rows["--preset"] for preset in op.PRESETS)
+
+
+def test_readme_copy_a_loss_example_runs_as_written():
+    example = readme().split("## Copy a loss into your own trainer")[1].split("```python\n")[1].split("```")[0]
+    done = subprocess.run([sys.executable, "-c", example], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loss, positive = map(float, done.stdout.split())
+    assert loss > 0 and positive == 1.0  # the shifted mean puts every group in the pessimistic regime
+
+
+def test_readme_and_script_point_at_nothing_outside_the_project():
+    with open(os.path.join(HERE, "offpolicy_pessimism.py"), encoding="utf-8") as f:
+        script = f.read()
+    for text in (readme(), script):
+        assert "../shared" not in text and "PAPER.md" not in text
+
