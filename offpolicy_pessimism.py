@@ -37,6 +37,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -255,7 +256,10 @@ def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, 
     from, so `policy_logp - behavior_logp` is the true per-token log-ratio.
     """
     with torch.no_grad():
-        return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats))
+        try:
+            return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats))
+        except FallBackToEager:  # --compile auto: the compiled step failed; this model decodes eagerly from now on
+            return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats))
 
 
 def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats) -> tuple[torch.Tensor, ...]:
@@ -917,8 +921,9 @@ class Config(RLConfig):
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's "
                             f"(0: the most whole groups whose activations fit {ACTIVATION_BUDGET_GB:g} GB)")
-    compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA)",
-                        choices=("auto", "on", "off"))
+    compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA for a "
+                        "--model run when Triton is there, eager if it fails; the built-in model's 6-token "
+                        "completions never repay a compile)", choices=("auto", "on", "off"))
     out: str = flag("runs", "folder for run sub-folders and the cached warm start")
     device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
@@ -1330,9 +1335,10 @@ class StaticDecoding:
     to LENGTH_BUCKET, reused across batches) with one attention mask for every step, so every step has
     the same shapes and torch.compile captures the one-token forward once (a CUDA graph on a GPU)."""
 
-    def __init__(self, model, backend="inductor", mode: str | None = None):
+    def __init__(self, model, backend="inductor", mode: str | None = None, fall_back: bool = False):
         self.model, self.caches, self.cuda_graphs = model, {}, mode == "reduce-overhead"
         self.compiled = torch.compile(model, backend=backend, mode=mode, dynamic=False)
+        self.fall_back = fall_back  # --compile auto: on a failure, decode eagerly instead of stopping
 
     def start(self, prompt_cache: dict, repeats: int, prompt_mask: torch.Tensor, max_new_tokens: int):
         """The static cache holding each prompt's keys and values on its `repeats` rows, and the
@@ -1357,7 +1363,26 @@ class StaticDecoding:
     def step(self, **inputs):
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
-        return self.compiled(**inputs)
+        try:
+            return self.compiled(**inputs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # compiling or capturing failed: no Triton, a cache that does not trace, ...
+            what = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            if not self.fall_back:
+                raise CompiledDecodingFailed(f"compiled decoding failed ({what[:200]}); use --compile auto or off")
+            self.model.static_decoding = None
+            tqdm.write(f"compiled decoding failed ({what[:200]}); this model decodes eagerly from now on "
+                       f"(--compile off silences this)")
+            raise FallBackToEager from None
+
+
+class CompiledDecodingFailed(Exception):
+    """--compile on: the compiled decode step failed; the run stops with one line."""
+
+
+class FallBackToEager(Exception):
+    """--compile auto: the compiled decode step failed and turned itself off; sample again, eagerly."""
 
 
 def start_decoding(model, prompt_cache: dict, repeats: int, prompt_mask: torch.Tensor, max_new_tokens: int):
@@ -1382,18 +1407,37 @@ def start_decoding(model, prompt_cache: dict, repeats: int, prompt_mask: torch.T
     return decode
 
 
-def enable_static_decoding(model, backend="inductor") -> None:
+def enable_static_decoding(model, backend="inductor", fall_back: bool = False) -> None:
     """Make `sample_completions` decode with a static cache and a compiled step (--compile)."""
     mode = "reduce-overhead" if backend == "inductor" and next(model.parameters()).device.type == "cuda" else None
-    model.static_decoding = StaticDecoding(model, backend, mode)
+    model.static_decoding = StaticDecoding(model, backend, mode, fall_back)
+
+
+def decodes_compiled(model) -> bool:
+    return getattr(model, "static_decoding", None) is not None
+
+
+def compiled_decoding_wanted(cfg: Config, device: torch.device) -> bool:
+    """--compile on; or auto on CUDA for a --model run (the built-in model's 6-token completions never repay
+    a compile), when transformers has static caches written in order and Triton can be imported."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    if device.type != "cuda" or not cfg.model:
+        return False
+    missing = ("transformers >= 5.4" if not static_decoding_supported() else
+               "Triton" if importlib.util.find_spec("triton") is None else None)
+    if missing:
+        tqdm.write(f"decoding eagerly: compiled decoding needs {missing} (--compile off silences this)")
+    return missing is None
 
 
 def compile_decoding_if_asked(cfg: Config, device: torch.device, models) -> None:
-    """--compile on, or auto on CUDA with static caches: every model that samples decodes compiled."""
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda" and static_decoding_supported()):
+    """Every model that samples decodes compiled when `compiled_decoding_wanted`; under auto a failure of
+    the compiled step makes that model decode eagerly, under on it stops the run."""
+    if compiled_decoding_wanted(cfg, device):
         for model in models:
             if model is not None:
-                enable_static_decoding(model)
+                enable_static_decoding(model, fall_back=cfg.compile == "auto")
 
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
@@ -1598,7 +1642,11 @@ def write_run_start(run: Run) -> None:
     os.makedirs(run.folder, exist_ok=True)
     with open(os.path.join(run.folder, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
-                   "resolved_precision": run.models.precision, "processes": run.process.world}, f, indent=1)
+                   "resolved_precision": run.models.precision, "processes": run.process.world,
+                   "decoding": {name: "compiled" if decodes_compiled(model) else "eager"
+                                for name, model in (("generator", run.models.generator), ("policy", run.models.policy),
+                                                    ("reference", run.models.reference)) if model is not None}},
+                  f, indent=1)
     append_metrics(os.path.join(run.folder, "metrics.jsonl"), {"step": 0, "eval_accuracy": run.evals[0]})
     save_run_checkpoint(run, 0)
 
@@ -2134,7 +2182,7 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
         "model": source, "parameters": parameters, "device": str(device), "precision": precision,
         "threads": torch.get_num_threads(), "loss": cfg.loss, "prompts_per_step": cfg.prompts_per_step,
         "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": timed_steps[-1].micro_batch,
-        "micro_batch_auto": cfg.micro_batch == 0, "compiled_decoding": hasattr(models.generator, "static_decoding"),
+        "micro_batch_auto": cfg.micro_batch == 0, "compiled_decoding": decodes_compiled(models.generator),
         "timed_steps": steps, "seconds_per_step": seconds,
         "generation_seconds": timed["generation"] / steps,
         **({"logprob_seconds": timed["logprobs"] / steps} if models.reference is not None else {}),
@@ -2214,8 +2262,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.barrier()  # none leaves before rank 0 has printed
         return 2
-    except TrainingDiverged as error:
-        if process.rank == 0:  # the gradients are averaged: every process sees it
+    except (TrainingDiverged, CompiledDecodingFailed) as error:
+        if process.rank == 0:  # every process sees it (the gradients are averaged; the models are the same)
             print(f"error: {error}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:

@@ -1420,7 +1420,7 @@ def test_bf16_keeps_the_generator_and_reference_in_bf16_and_the_policy_in_fp32(t
 def test_a_run_with_compiled_decoding_trains_and_evaluates(tmp_path, monkeypatch):
     counters = []
 
-    def traced_eagerly(model):
+    def traced_eagerly(model, fall_back=False):
         from torch._dynamo.testing import CompileCounter
 
         counters.append(CompileCounter())
@@ -1708,3 +1708,73 @@ def test_readme_and_script_point_at_nothing_outside_the_project():
     for text in (readme(), script):
         assert "../shared" not in text and "PAPER.md" not in text
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled decoding degrades, never breaks: auto falls back to eager, on stops with one line
+# ---------------------------------------------------------------------------------------------
+def failing_compile(model, **kwargs):
+    """A torch.compile whose compiled model raises on its first call, as a missing Triton or a failed capture does."""
+    def compiled(**inputs):
+        raise RuntimeError("Cannot find a working triton installation\nmore details")
+    return compiled
+
+
+@needs_static_caches
+def test_a_failing_compiled_step_under_auto_resamples_eagerly_from_the_same_noise(tiny, monkeypatch, capsys):
+    model, tokenizer = tiny
+    fast = copy.deepcopy(model)
+    monkeypatch.setattr(op.torch, "compile", failing_compile)
+    op.enable_static_decoding(fast, fall_back=True)
+    eager, fell_back = (op.sample_groups(m, tokenizer, ["7+3=", "45+21="], 4, 6, 1.0, noise(8, 6))
+                        for m in (model, fast))
+    for name in ("completion_ids", "completion_mask", "behavior_logp", "truncated"):
+        assert torch.equal(getattr(eager, name), getattr(fell_back, name)), name
+    assert not op.decodes_compiled(fast)  # from now on eager: the next batch does not try again
+    (line,) = messages(capsys.readouterr().out)
+    assert "compiled decoding failed (RuntimeError: Cannot find a working triton installation)" in line
+    assert "--compile off" in line
+
+
+@needs_static_caches
+def test_a_run_whose_compiled_step_fails_logs_the_eager_runs_numbers_under_auto_and_stops_under_on(
+        tmp_path, monkeypatch, capsys):
+    saved = save_chat_model("llama", tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", ADDITION_ROWS)
+    argv = ["--model", saved, "--task", "jsonl", "--data", data, "--steps", "2", "--prompts-per-step", "2",
+            "--group-size", "3", "--max-new-tokens", "5", "--eval-every", "2", "--eval-fraction", "0.25"]
+    assert main([*argv, "--out", str(tmp_path / "eager"), "--compile", "off"]) == 0
+    monkeypatch.setattr(op.torch, "compile", failing_compile)
+    monkeypatch.setattr(op, "compiled_decoding_wanted", lambda cfg, device: cfg.compile != "off")  # as on a GPU
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "auto"), "--compile", "auto"]) == 0
+    assert comparable_metrics(tmp_path / "auto") == comparable_metrics(tmp_path / "eager")
+    assert capsys.readouterr().out.count("compiled decoding failed") == 2  # the generator, then the policy (eval)
+    assert main([*argv, "--out", str(tmp_path / "on"), "--compile", "on"]) == 1
+    (err,) = messages(capsys.readouterr().err)
+    assert err.startswith("error: compiled decoding failed (RuntimeError: Cannot find") and "--compile" in err
+
+
+def test_auto_compiles_only_a_model_run_on_cuda_with_triton_and_says_why_not(monkeypatch, capsys):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(op, "static_decoding_supported", lambda: True)
+    triton = importlib.util.find_spec
+    monkeypatch.setattr(op.importlib.util, "find_spec", lambda name: object() if name == "triton" else triton(name))
+    model_run = op.parse_config(["--model", "some-org/some-model"])
+    assert op.compiled_decoding_wanted(model_run, cuda)
+    assert not op.compiled_decoding_wanted(op.parse_config([]), cuda)  # the built-in model: never worth a compile
+    assert not op.compiled_decoding_wanted(model_run, torch.device("cpu"))
+    assert capsys.readouterr().out == ""  # those say nothing
+    monkeypatch.setattr(op.importlib.util, "find_spec", lambda name: None if name == "triton" else triton(name))
+    assert not op.compiled_decoding_wanted(model_run, cuda)
+    (line,) = messages(capsys.readouterr().out)
+    assert "decoding eagerly: compiled decoding needs Triton" in line and "--compile off" in line
+    assert op.compiled_decoding_wanted(op.parse_config(["--compile", "on"]), torch.device("cpu"))
+
+
+def test_config_json_records_which_decoding_each_model_used(warm_out, tmp_path, monkeypatch):
+    out = fresh_out(warm_out, tmp_path)
+    assert main(["--out", str(out), *TINY, "--loss", "apo"]) == 0  # the default: eager
+    (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
+    with open(out / run / "config.json") as f:
+        assert json.load(f)["decoding"] == {"generator": "eager", "policy": "eager", "reference": "eager"}
