@@ -835,6 +835,7 @@ def start_run(cfg: Config, problems: tuple[list, list] | None, process: Torchrun
     models = prepare_models(cfg, policy, device, precision, process.world)
     run = Run(cfg, models, tokenizer, train_problems, eval_problems, process, run_folder(cfg), source, device,
               prompt_rng=random.Random(cfg.seed))
+    say_where_it_runs(run)  # device, precision, model, decoding: the first line a run prints
     if cfg.resume:
         return run, resume_run(run)
     run.evals.append(accuracy(run))
@@ -1634,6 +1635,36 @@ def save_run_checkpoint(run: Run, step: int) -> None:
         "ref_values": run.ref_values, "totals": run.totals})
 
 
+def where_it_runs(run: Run) -> dict:
+    """The device by name, the policy's parameter count, and each model's decoding (config.json has them)."""
+    device = run.device
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"CPU ({torch.get_num_threads()} threads)")
+    models = (("generator", run.models.generator), ("policy", run.models.policy), ("reference", run.models.reference))
+    return {"device_name": name, "parameters": sum(p.numel() for p in run.models.policy.parameters()),
+            "decoding": {role: "compiled" if decodes_compiled(model) else "eager" for role, model in models
+                         if model is not None}}
+
+
+def say_where_it_runs(run: Run) -> None:
+    """Rank 0's first line: where the run runs, in what precision, on which model, decoding how; and, when
+    --device auto lands on the CPU of a machine with an NVIDIA driver, that torch cannot use its GPU."""
+    if not run.process.writes:
+        return
+    facts = where_it_runs(run)
+    decoding = "compiled" if "compiled" in facts["decoding"].values() else "eager"
+    tqdm.write(f"running on {facts['device_name']}, {run.models.precision}, {run.source} "
+               f"({facts['parameters'] / 1e6:.2f}M parameters), {decoding} decoding")
+    if run.cfg.device == "auto" and run.device.type == "cpu" and nvidia_driver_present():
+        tqdm.write("an NVIDIA driver is installed but torch cannot use CUDA, so this runs on the CPU: compare "
+                   "python -c 'import torch; print(torch.cuda.is_available(), torch.version.cuda)' with the "
+                   "CUDA version nvidia-smi shows (--device cpu silences this)")
+
+
+def nvidia_driver_present() -> bool:
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
 def write_run_start(run: Run) -> None:
     """Rank 0: the run's folder, config.json (the flags and what they resolved to), the warm start's
     accuracy as metrics.jsonl's step 0, and the step-0 checkpoint."""
@@ -1642,10 +1673,7 @@ def write_run_start(run: Run) -> None:
     os.makedirs(run.folder, exist_ok=True)
     with open(os.path.join(run.folder, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
-                   "resolved_precision": run.models.precision, "processes": run.process.world,
-                   "decoding": {name: "compiled" if decodes_compiled(model) else "eager"
-                                for name, model in (("generator", run.models.generator), ("policy", run.models.policy),
-                                                    ("reference", run.models.reference)) if model is not None}},
+                   "resolved_precision": run.models.precision, "processes": run.process.world, **where_it_runs(run)},
                   f, indent=1)
     append_metrics(os.path.join(run.folder, "metrics.jsonl"), {"step": 0, "eval_accuracy": run.evals[0]})
     save_run_checkpoint(run, 0)

@@ -1778,3 +1778,30 @@ def test_config_json_records_which_decoding_each_model_used(warm_out, tmp_path, 
     (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
     with open(out / run / "config.json") as f:
         assert json.load(f)["decoding"] == {"generator": "eager", "policy": "eager", "reference": "eager"}
+
+
+def test_a_run_first_says_where_it_runs_and_config_json_keeps_it(warm_out, tmp_path, capsys):
+    out = fresh_out(warm_out, tmp_path)  # the warm start is cached: nothing is printed before the run
+    assert main(["--out", str(out), *TINY]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    parameters = sum(p.numel() for p in op.builtin_model()[0].parameters())
+    assert first == (f"running on CPU ({torch.get_num_threads()} threads), fp32, {out}/"
+                     f"{[d for d in os.listdir(out) if d.startswith('warmstart_')][0]} "
+                     f"({parameters / 1e6:.2f}M parameters), eager decoding")
+    (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
+    with open(out / run / "config.json") as f:
+        config = json.load(f)
+    assert config["device_name"] == f"CPU ({torch.get_num_threads()} threads)" and config["parameters"] == parameters
+
+
+def test_auto_on_the_cpu_of_a_machine_with_an_nvidia_driver_says_torch_cannot_use_it(warm_out, tmp_path,
+                                                                                      monkeypatch, capsys):
+    monkeypatch.setattr(op.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(op, "nvidia_driver_present", lambda: True)
+    assert op.main(["--out", str(fresh_out(warm_out, tmp_path)), *TINY]) == 0  # --device auto, and no CUDA
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("running on CPU") and "torch cannot use CUDA" in lines[1]
+    assert "torch.cuda.is_available()" in lines[1] and "--device cpu" in lines[1]
+    monkeypatch.setattr(op, "nvidia_driver_present", lambda: False)
+    assert main(["--out", str(fresh_out(warm_out, tmp_path, "other")), *TINY]) == 0
+    assert "torch cannot use CUDA" not in capsys.readouterr().out
