@@ -892,6 +892,7 @@ def log_step(run: Run, step: int, result: StepResult, step_accuracy: float | Non
     run.totals["seconds"] = time.time() - started
     if step_accuracy is not None:
         save_run_checkpoint(run, step)
+        draw_curves(run.folder, run.cfg.loss)  # curves.png, when matplotlib is installed
     return record
 
 
@@ -1699,10 +1700,16 @@ def resume_run(run: Run) -> int:
 def write_summary(run: Run) -> dict:
     """summary.json: accuracy before and after RL, and how long it took."""
     cfg, totals = run.cfg, run.totals
+    steps = [m for m in read_metrics(os.path.join(run.folder, "metrics.jsonl")) if "loss" in m]
+    before_refresh = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
+    curves = os.path.join(run.folder, "curves.png")
     summary = {"run": run.folder, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
                "warm_start_accuracy": run.evals[0], "final_accuracy": run.evals[-1], "best_accuracy": max(run.evals),
                "minutes": totals["seconds"] / 60,
-               "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9)}
+               "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9),
+               "kl_before_refresh": before_refresh,
+               "final_mass_leakage": mean([m["mass_leakage"] for m in steps[-10:]]),
+               "curves": curves if os.path.exists(curves) else None}
     with open(os.path.join(run.folder, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -2051,6 +2058,45 @@ def pyplot():
     return plt
 
 
+def draw_curves(folder: str, loss: str) -> None:
+    """curves.png in a run's folder, redrawn at every evaluation from its metrics.jsonl: accuracy and reward;
+    KL(mu || pi) per completion and mass leakage, refreshes dotted; the regime shares and mean advantage."""
+    try:
+        import matplotlib
+    except ImportError:
+        return  # the summary says how to get them
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_metrics(os.path.join(folder, "metrics.jsonl"))
+    steps = [m for m in metrics if "loss" in m]
+
+    def series(key, lines=steps):  # (steps, values) of the lines that have the key
+        return [m["step"] for m in lines if key in m], [m[key] for m in lines if key in m]
+
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    axes[0].plot(*series("eval_accuracy", metrics), marker="o", label="greedy accuracy (held out)")
+    axes[0].plot(*series("reward_mean"), lw=0.6, alpha=0.7, label="mean reward of the samples")
+    axes[1].plot(*series("kl_sequence"), label="KL(mu || pi) per completion")
+    axes[1].plot(*series("mass_leakage"), label="mass leakage")
+    for m in steps:
+        if m["staleness"] == 0 and m["step"] > 1:
+            axes[1].axvline(m["step"], color="grey", lw=0.4, ls=":")
+    axes[1].set_title("dotted: generator refreshes", fontsize=8)
+    for key, label in (("regime_positive", "groups at c > 0"), ("regime_boundary", "c = 0"),
+                       ("regime_negative", "c < 0"), ("advantage_mean", "mean advantage")):
+        axes[2].plot(*series(key), label=label)
+    axes[2].set_title(f"{loss}: regimes of eq. 2 and the mean advantage" if "regime_positive" in steps[-1] else
+                      f"{loss}: mean advantage", fontsize=8)
+    for axis in axes:
+        axis.set_xlabel("step")
+        axis.legend(fontsize=7, loc="center right")  # a fixed place: "best" searches every point
+    figure.tight_layout()
+    figure.savefig(os.path.join(folder, "curves.png.tmp.png"), dpi=100)
+    plt.close(figure)
+    os.replace(os.path.join(folder, "curves.png.tmp.png"), os.path.join(folder, "curves.png"))
+
+
 def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> None:
     """accuracy.png, entropy.png, regimes.png under --out, one panel per lag; skipped without matplotlib."""
     plt = pyplot()
@@ -2261,10 +2307,22 @@ def format_bench(report: dict) -> str:
 # Main: parse and check the flags, train (or run the grid, or benchmark), print the summary.
 # ----------------------------------------------------------------------------------------------
 def format_summary(summary: dict) -> str:
+    """The run's table row, then what happened in three lines, then where its files are."""
     header = "| loss | lag | steps | warm-start accuracy | final accuracy | minutes | rollout tokens/s |"
     row = (f"| {summary['loss']} | {summary['lag']} | {summary['steps']} | {summary['warm_start_accuracy']:.3f} | "
            f"{summary['final_accuracy']:.3f} | {summary['minutes']:.2f} | {summary['rollout_tokens_per_s']:.0f} |")
-    return "\n".join([header, "|" + "---|" * 7, row])
+    kl = summary["kl_before_refresh"]
+    return "\n".join([
+        header, "|" + "---|" * 7, row,
+        f"greedy accuracy {summary['warm_start_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
+        f"(best {summary['best_accuracy']:.3f})",
+        f"KL(mu || pi) per completion at the end of each of {len(kl)} stale cycles: mean {mean(kl):.3f}, "
+        f"largest {max(kl, default=float('nan')):.3f}",
+        f"mass leakage over the last 10 steps: {summary['final_mass_leakage']:.3f} (1: the policy kept its mass "
+        f"on the sampled completions)",
+        f"metrics: {os.path.join(summary['run'], 'metrics.jsonl')}",
+        f"curves: {summary['curves']}" if summary["curves"] else
+        "curves: not drawn, matplotlib is not installed (pip install matplotlib draws curves.png)"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2311,7 +2369,6 @@ def main(argv: list[str] | None = None) -> int:
     if summary is None:  # torchrun: rank 0 prints
         return 0
     print(format_summary(summary))
-    print(f"metrics: {os.path.join(summary['run'], 'metrics.jsonl')}")
     return 0
 
 

@@ -1805,3 +1805,32 @@ def test_auto_on_the_cpu_of_a_machine_with_an_nvidia_driver_says_torch_cannot_us
     monkeypatch.setattr(op, "nvidia_driver_present", lambda: False)
     assert main(["--out", str(fresh_out(warm_out, tmp_path, "other")), *TINY]) == 0
     assert "torch cannot use CUDA" not in capsys.readouterr().out
+
+
+def test_a_run_draws_its_curves_and_its_last_lines_say_what_happened(warm_out, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = fresh_out(warm_out, tmp_path)
+    assert main(["--out", str(out), *TINY, "--lag", "2"]) == 0
+    (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
+    assert (out / run / "curves.png").stat().st_size > 10_000
+    last = capsys.readouterr().out.strip().splitlines()[-5:]
+    metrics = metrics_of(out)
+    assert last[0] == f"greedy accuracy {metrics[0]['eval_accuracy']:.3f} -> {metrics[-1]['eval_accuracy']:.3f} " \
+                      f"(best {max(m['eval_accuracy'] for m in metrics if 'eval_accuracy' in m):.3f})"
+    before_refresh = [m["kl_sequence"] for m in metrics[1:] if m["staleness"] == 1 or m["step"] == 3]  # steps 2, 3
+    assert last[1].startswith(f"KL(mu || pi) per completion at the end of each of 2 stale cycles: "
+                              f"mean {sum(before_refresh) / 2:.3f}")
+    assert last[2].startswith(f"mass leakage over the last 10 steps: "
+                              f"{sum(m['mass_leakage'] for m in metrics[1:]) / 3:.3f}")
+    assert last[3] == f"metrics: {out / run / 'metrics.jsonl'}" and last[4] == f"curves: {out / run / 'curves.png'}"
+
+
+def test_without_matplotlib_a_run_ends_with_one_line_saying_how_to_get_its_curves(warm_out, tmp_path, monkeypatch,
+                                                                                  capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = fresh_out(warm_out, tmp_path)
+    assert main(["--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1] == ("curves: not drawn, matplotlib is not installed "
+                                                "(pip install matplotlib draws curves.png)")
+    assert printed.count("matplotlib is not installed") == 1 and not list(out.rglob("curves.png"))
