@@ -1433,6 +1433,8 @@ def test_a_run_with_compiled_decoding_trains_and_evaluates(tmp_path, monkeypatch
     (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
     metrics = op.read_metrics(out / run / "metrics.jsonl")
     assert len(metrics) == 4 and all(m["micro_batch"] == 16 for m in metrics[1:])  # the tiny model: one pass
+    with open(out / run / "config.json") as f:
+        assert json.load(f)["decoding"] == {"generator": "compiled", "policy": "compiled"}
 
 
 def test_compile_on_needs_static_caches_written_in_order(tmp_path, monkeypatch, capsys):
