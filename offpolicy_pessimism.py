@@ -2045,15 +2045,17 @@ def format_grid_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def pyplot():
-    """matplotlib.pyplot, or None (with a message) when it is not installed: plots are optional."""
+def pyplot(say_if_missing: bool = True):
+    """matplotlib.pyplot, or None (with a message, unless asked not to) when it is not installed: plots are
+    optional."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        tqdm.write("plots skipped: matplotlib is not installed (pip install matplotlib to get them)")
+        if say_if_missing:
+            tqdm.write("plots skipped: matplotlib is not installed (pip install matplotlib to get them)")
         return None
     return plt
 
@@ -2061,13 +2063,9 @@ def pyplot():
 def draw_curves(folder: str, loss: str) -> None:
     """curves.png in a run's folder, redrawn at every evaluation from its metrics.jsonl: accuracy and reward;
     KL(mu || pi) per completion and mass leakage, refreshes dotted; the regime shares and mean advantage."""
-    try:
-        import matplotlib
-    except ImportError:
-        return  # the summary says how to get them
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(say_if_missing=False)  # the run's summary says how to get them
+    if plt is None:
+        return
     metrics = read_metrics(os.path.join(folder, "metrics.jsonl"))
     steps = [m for m in metrics if "loss" in m]
 
