@@ -888,7 +888,7 @@ def log_step(run: Run, step: int, result: StepResult, step_accuracy: float | Non
     if step_accuracy is not None:
         record["eval_accuracy"] = step_accuracy
         run.evals.append(step_accuracy)
-    append_metrics(os.path.join(run.folder, "metrics.jsonl"), record)
+    append_metrics(metrics_path(run), record)
     run.totals["seconds"] = time.time() - started
     if step_accuracy is not None:
         save_run_checkpoint(run, step)
@@ -1627,6 +1627,10 @@ def checkpoint_path(run: Run) -> str:
     return os.path.join(run.folder, "checkpoint.pt")
 
 
+def metrics_path(run: Run) -> str:
+    return os.path.join(run.folder, "metrics.jsonl")
+
+
 def save_run_checkpoint(run: Run, step: int) -> None:
     """What a resumed run needs to continue as if it had never stopped (not the reference: it is the warm start)."""
     models = run.models
@@ -1676,7 +1680,7 @@ def write_run_start(run: Run) -> None:
         json.dump({**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
                    "resolved_precision": run.models.precision, "processes": run.process.world, **where_it_runs(run)},
                   f, indent=1)
-    append_metrics(os.path.join(run.folder, "metrics.jsonl"), {"step": 0, "eval_accuracy": run.evals[0]})
+    append_metrics(metrics_path(run), {"step": 0, "eval_accuracy": run.evals[0]})
     save_run_checkpoint(run, 0)
 
 
@@ -1690,24 +1694,24 @@ def resume_run(run: Run) -> int:
     run.prompt_rng.setstate(state["prompt_rng"])
     run.ref_values, run.totals = state["ref_values"], state["totals"]
     if run.process.writes:
-        metrics_path = os.path.join(run.folder, "metrics.jsonl")
-        drop_metrics_after(metrics_path, state["step"])
+        drop_metrics_after(metrics_path(run), state["step"])
         tqdm.write(f"resuming {run.folder} at step {state['step']}")
-        run.evals = [m["eval_accuracy"] for m in read_metrics(metrics_path) if "eval_accuracy" in m]
+        run.evals = [m["eval_accuracy"] for m in read_metrics(metrics_path(run)) if "eval_accuracy" in m]
     return state["step"]
 
 
 def write_summary(run: Run) -> dict:
-    """summary.json: accuracy before and after RL, and how long it took."""
+    """summary.json: accuracy before and after RL, how long it took, the KL to the generator at the end of
+    each stale cycle (the last step before a refresh, and the last step), mass leakage at the end, the curves."""
     cfg, totals = run.cfg, run.totals
-    steps = [m for m in read_metrics(os.path.join(run.folder, "metrics.jsonl")) if "loss" in m]
-    before_refresh = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
+    steps = [m for m in read_metrics(metrics_path(run)) if "loss" in m]
+    cycle_ends = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
     curves = os.path.join(run.folder, "curves.png")
     summary = {"run": run.folder, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
                "warm_start_accuracy": run.evals[0], "final_accuracy": run.evals[-1], "best_accuracy": max(run.evals),
                "minutes": totals["seconds"] / 60,
                "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9),
-               "kl_before_refresh": before_refresh,
+               "kl_at_cycle_ends": cycle_ends,
                "final_mass_leakage": mean([m["mass_leakage"] for m in steps[-10:]]),
                "curves": curves if os.path.exists(curves) else None}
     with open(os.path.join(run.folder, "summary.json"), "w") as f:
@@ -2237,12 +2241,13 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
     for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
         result = rl_step(cfg, models, tokenizer, batch, step % cfg.lag, step_noise(cfg, step, len(batch)), {})
-        if step > 0:  # step 0 warms up the allocator, the kernels and first-call overheads
-            timed_steps.append(result)
-    timed = {key: sum(result.seconds[key] for result in timed_steps) for key in ("generation", "logprobs", "update")}
-    timed["generated_tokens"] = sum(int(result.rollout.completion_mask.sum()) for result in timed_steps)
-    timed["trained_tokens"] = timed["generated_tokens"] + sum(int(result.rollout.prompt_mask.sum())
-                                                              for result in timed_steps)
+        if step > 0:  # step 0 warms up the allocator, the kernels and first-call overheads; keep numbers only
+            timed_steps.append({**result.seconds, "micro_batch": result.micro_batch,
+                                "generated_tokens": int(result.rollout.completion_mask.sum()),
+                                "prompt_tokens": int(result.rollout.prompt_mask.sum())})
+    timed = {key: sum(step[key] for step in timed_steps)
+             for key in ("generation", "logprobs", "update", "generated_tokens", "prompt_tokens")}
+    timed["trained_tokens"] = timed["generated_tokens"] + timed["prompt_tokens"]
 
     steps = cfg.bench
     seconds = (timed["generation"] + timed["logprobs"] + timed["update"]) / steps
@@ -2253,7 +2258,8 @@ def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
     report = {
         "model": source, "parameters": parameters, "device": str(device), "precision": precision,
         "threads": torch.get_num_threads(), "loss": cfg.loss, "prompts_per_step": cfg.prompts_per_step,
-        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "micro_batch": timed_steps[-1].micro_batch,
+        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
+        "micro_batch": timed_steps[-1]["micro_batch"],
         "micro_batch_auto": cfg.micro_batch == 0, "compiled_decoding": decodes_compiled(models.generator),
         "timed_steps": steps, "seconds_per_step": seconds,
         "generation_seconds": timed["generation"] / steps,
@@ -2309,7 +2315,7 @@ def format_summary(summary: dict) -> str:
     header = "| loss | lag | steps | warm-start accuracy | final accuracy | minutes | rollout tokens/s |"
     row = (f"| {summary['loss']} | {summary['lag']} | {summary['steps']} | {summary['warm_start_accuracy']:.3f} | "
            f"{summary['final_accuracy']:.3f} | {summary['minutes']:.2f} | {summary['rollout_tokens_per_s']:.0f} |")
-    kl = summary["kl_before_refresh"]
+    kl = summary["kl_at_cycle_ends"]
     return "\n".join([
         header, "|" + "---|" * 7, row,
         f"greedy accuracy {summary['warm_start_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
