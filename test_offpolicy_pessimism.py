@@ -935,6 +935,48 @@ def test_grid_table_numbers_equal_the_cells_own_metrics(warm_out, tmp_path):
             label == "ppo")
 
 
+def test_a_grid_with_several_warm_starts_writes_the_start_sweep_table_and_plot(warm_out, tmp_path):
+    out = fresh_out(warm_out, tmp_path)
+    assert main(["--out", str(out), *GRID, "--losses", "ppo,oapl", "--lags", "2", "--warm-starts", "0,30"]) == 0
+    lines = (out / "start_sweep.md").read_text().splitlines()
+    assert re.fullmatch(r"\| loss \| lag \| start [0-9.]+ \(0 steps\) \| start [0-9.]+ \(30 steps\) \|", lines[0])
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["ppo", "oapl beta_v=0.2"]
+    assert (out / "gain_vs_start.png").exists() == bool(importlib.util.find_spec("matplotlib"))
+    assert main(["--out", str(tmp_path / "one"), *GRID]) == 0 and not (tmp_path / "one" / "start_sweep.md").exists()
+
+
+def test_start_sweep_gain_and_kl_before_refresh_are_the_cells_own_numbers(tmp_path):
+    cfg = op.parse_config(["--out", str(tmp_path), "--compare", "--losses", "ppo,shifted", "--lags", "3",
+                           "--seeds", "1,2", "--warm-starts", "100,200"])
+    cells = op.grid_cells(cfg)
+    expected = {}
+    for number, cell in enumerate(cells):  # made-up runs: evaluations at steps 0, 3, 6; KL by step
+        start, final = 0.1 * (cell.warm_start_steps // 100), 0.05 * number
+        kl = {step: 0.01 * number + 0.001 * step for step in range(1, 7)}
+        os.makedirs(op.run_folder(cell))
+        with open(os.path.join(op.run_folder(cell), "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 0, "eval_accuracy": start}) + "\n")
+            for step in range(1, 7):
+                line = {"step": step, "loss": 0.0, "staleness": (step - 1) % 3, "kl_sequence": kl[step]}
+                f.write(json.dumps({**line, **({"eval_accuracy": 0.9} if step == 3 else {}),
+                                    **({"eval_accuracy": final} if step == 6 else {})}) + "\n")
+        expected.setdefault((cell.loss, cell.warm_start_steps), []).append((start, final - start, (kl[3] + kl[6]) / 2))
+    rows = op.start_sweep_rows(cells)
+    assert len(rows) == 4
+    for row in rows:
+        seeds = expected[row["loss"].split()[0], row["warm_start_steps"]]
+        for index, key in enumerate(("start", "gain", "kl_before_refresh")):
+            values = [seed[index] for seed in seeds]
+            mean = sum(values) / 2
+            assert row[key] == pytest.approx(mean) and row[key + "_std"] == pytest.approx(abs(values[0] - mean))
+    table = op.format_start_sweep(rows).splitlines()
+    assert table[0] == "| loss | lag | start 0.10 (100 steps) | start 0.20 (200 steps) |"
+    gains = {(loss, steps): [g for _, g, _ in expected[loss, steps]] for loss, steps in expected}
+    cell_text = lambda g: f"{sum(g) / 2:+.3f} +- {abs(g[0] - sum(g) / 2):.3f}"  # noqa: E731
+    assert table[2] == f"| ppo | 3 | {cell_text(gains['ppo', 100])} | {cell_text(gains['ppo', 200])} |"
+    assert table[3] == f"| shifted shift=1 | 3 | {cell_text(gains['shifted', 100])} | {cell_text(gains['shifted', 200])} |"
+
+
 def test_grid_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     op.plot_grid({("shifted", 16): [([{"step": 0, "eval_accuracy": 0.5}], {})]}, str(tmp_path))
@@ -1522,6 +1564,17 @@ def test_mechanism_and_strong_start_presets_have_their_cells():
     assert len(strong) == 5 * 2 * 3 and {c.lag for c in strong} == {1, 64}
     assert {c.warm_start_steps for c in strong} == {op.STRONG_WARM_START_STEPS}
     assert {c.loss for c in strong} == {"ppo", "tis", "pmd", "oapl", "shifted"}
+
+
+def test_start_accuracy_preset_runs_four_losses_from_five_warm_starts_with_one_budget():
+    cells = op.grid_cells(op.parse_config(["--compare", "--preset", "start-accuracy"]))
+    assert len(cells) == 4 * 2 * 3 * 5
+    assert {op.cell_label(dataclasses.replace(c, warm_starts="")) for c in cells} == \
+        {"ppo", "pmd", "oapl beta_v=0.2", "shifted shift=1"}
+    assert {c.lag for c in cells} == {1, 64} and {c.seed for c in cells} == {1, 2, 3}
+    assert {c.warm_start_steps for c in cells} == {350, 450, 525, 600, 900}
+    assert {(c.steps, c.eval_every, c.prompts_per_step, c.group_size) for c in cells} == {(300, 25, 16, 8)}
+    assert len({op.run_folder(c) for c in cells}) == len(cells)
 
 
 @pytest.mark.parametrize("loss", ["pmd", "shifted", "oapl", "centred"])
