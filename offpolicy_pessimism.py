@@ -2201,7 +2201,8 @@ def plot_start_sweep(rows: list[dict], out: str) -> None:
     if plt is None:
         return
     lags = sorted({r["lag"] for r in rows})
-    figure, axes = plt.subplots(2, len(lags), figsize=(4.5 * len(lags), 6.4), squeeze=False, sharex=True)
+    figure, axes = plt.subplots(2, len(lags), figsize=(4.5 * len(lags), 6.4), squeeze=False, sharex=True,
+                                sharey="row")  # lag 1 samples from pi itself: its KL is 0 on the others' scale
     for column, lag in enumerate(lags):
         for loss in dict.fromkeys(r["loss"] for r in rows):
             points = sorted((r for r in rows if (r["loss"], r["lag"]) == (loss, lag)), key=lambda r: r["start"])
@@ -2213,7 +2214,7 @@ def plot_start_sweep(rows: list[dict], out: str) -> None:
         axes[1, column].set_title(f"lag {lag}: KL(mu || pi) per sequence before each refresh", fontsize=8)
         axes[1, column].set_yscale("symlog", linthresh=0.1)
         axes[1, column].set_xlabel("greedy accuracy at the start of RL")
-    axes[0, -1].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     figure.savefig(os.path.join(out, "gain_vs_start.png"), dpi=110)
     plt.close(figure)
