@@ -1998,6 +1998,13 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def std(values) -> float:
+    """Population standard deviation of the values that are not None or NaN: the spread over seeds."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    centre = mean(values)
+    return math.sqrt(mean([(v - centre) ** 2 for v in values]))
+
+
 def grid_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict]:
     """One row per (loss variant, lag): means over seeds of each cell's own metrics."""
 
@@ -2010,10 +2017,9 @@ def grid_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict
         runs = [metrics for metrics, _ in cell_runs]
         finals = [[m["eval_accuracy"] for m in run if "eval_accuracy" in m][-1] for run in runs]
         bests = [max(m["eval_accuracy"] for m in run if "eval_accuracy" in m) for run in runs]
-        final_mean = mean(finals)
-        std = math.sqrt(mean([(a - final_mean) ** 2 for a in finals])) if len(finals) > 1 else 0.0
         rows.append({
-            "loss": label, "lag": lag, "seeds": len(runs), "final_accuracy": final_mean, "final_accuracy_std": std,
+            "loss": label, "lag": lag, "seeds": len(runs), "final_accuracy": mean(finals),
+            "final_accuracy_std": std(finals),
             "best_accuracy": mean(bests), "warm_start_accuracy": mean([run[0]["eval_accuracy"] for run in runs]),
             "final_entropy": mean([over_steps("entropy", run, last=10) for run in runs]),
             **{key: mean([over_steps(key, run) for run in runs])
@@ -2176,8 +2182,7 @@ def start_sweep_rows(cells: list[Config]) -> list[dict]:
     for (label, lag, warm_start_steps), seeds in seeds_of.items():
         row = {"loss": label, "lag": lag, "warm_start_steps": warm_start_steps, "seeds": len(seeds)}
         for key in ("start", "gain", "kl_before_refresh"):
-            values = [seed[key] for seed in seeds]
-            row[key], row[key + "_std"] = mean(values), math.sqrt(mean([(v - mean(values)) ** 2 for v in values]))
+            row[key], row[key + "_std"] = mean(seed[key] for seed in seeds), std(seed[key] for seed in seeds)
         rows.append(row)
     return rows
 
