@@ -1876,7 +1876,7 @@ PRESETS = {
                   "shifts": "-2,-1,-0.5,-0.25,0,0.25,1", "steps": 300},
     "strong-start": {"losses": "ppo,tis,pmd,oapl,shifted", "lags": "1,64", "seeds": "1,2,3",
                      "warm_starts": str(STRONG_WARM_START_STEPS), "steps": 300},
-    # warm starts of 350 / 450 / 525 / 600 / 900 steps: 0.11 / 0.24 / 0.42 / 0.64 / 0.92 greedy accuracy
+    # warm starts of 350 / 450 / 525 / 600 / 900 steps: 0.110 / 0.240 / 0.415 / 0.635 / 0.915 greedy accuracy
     "start-accuracy": {"losses": "ppo,pmd,oapl,shifted", "lags": "1,64", "seeds": "1,2,3", "beta_values": "0.2",
                        "shifts": "1", "warm_starts": "350,450,525,600,900", "steps": 300},
 }
