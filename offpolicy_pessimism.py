@@ -5,8 +5,9 @@ policy pi every `--lag` steps), so learning is off-policy. This script reproduce
 a laptop CPU and compares the objectives discussed in arXiv 2605.28150 ("Off-Policy Learning to
 Reason Works Because It Is More Pessimistic Than You Think"): importance-weighted policy gradients
 (`ppo`, `tis`), ratio-free REINFORCE (`reinforce`), and ratio-free squared regressions of
-beta * log(pi/mu) on an advantage (`oapl`, `apo`, `pmd`, the paper's `shifted`, and the control
-`centred`). With x a prompt, y one of its G completions, r in {0, 1} its reward:
+beta * log(pi/mu) on an advantage (`oapl`, `apo`, `pmd`, `shifted`: the paper's beta-shifted mean
+as we read it, and the control `centred`). With x a prompt, y one of its G completions, r in {0, 1}
+its reward:
 
     eq. 1   L(theta) = E_x E_{y ~ mu} [ (beta * log(pi(y)/mu(y)) - A(x, y))^2 ],   A = r - b(x)
     eq. 2   pi_c(y) = mu(y) * W0(c * exp(A(y)/beta)) / c,   c chosen so that sum_y pi_c(y) = 1
@@ -14,18 +15,27 @@ beta * log(pi/mu) on an advantage (`oapl`, `apo`, `pmd`, the paper's `shifted`, 
 eq. 2 minimises eq. 1 over distributions (W0: the principal Lambert-W branch): c > 0 is the
 pessimistic regime, c = 0 the Boltzmann target mu exp(A/beta) / Z, c < 0 the fragile one.
 
-Part I, the algorithm, reads in the order the data flows: config, task and reward, model and warm
-start, the lagged generator, the policy's log-probs, advantages, the losses (each with its equation),
-diagnostics, one RL step, the training loop. It ends at the line `# Appendix`; below it is the
-machinery, each part under its own banner: flag checks, the math-answer checker and data files,
-Hugging Face models and version shims, speed and memory, run files and resume, several processes
-(torchrun), the comparison grid and plots, the benchmark, and `main`.
+Part I, the algorithm, reads alone, in the order the data flows: config, task and reward, model, the
+lagged generator (a plain decode loop on the KV cache), the policy's log-probs (one plain forward),
+advantages, the losses (each with its equation), diagnostics, one RL step (backward in micro-batches),
+the training loop. Below the line `# Appendix` is the machinery it calls by name: flags, loading and
+warm starts, the math-answer checker, the faster drop-ins (a compiled decode step, one prompt pass per
+group; a test shows each computes what the plain step does), run files, several processes, `main`.
+Experiments built on it live beside it: `experiments/compare.py` (grids of losses x lags x seeds,
+tables, plots) and `experiments/bench.py` (seconds per step, tokens/s, memory, MFU).
+
+What this file leaves out, on purpose:
+  1. one optimizer step per sampled batch: pi/mu differs from 1 only through the lag (no PPO epochs);
+  2. no KL-to-reference penalty (A*-PO is anchored on pi_ref through its loss, not through a penalty);
+  3. no learning-rate schedule or warm-up: AdamW at a constant `--lr`, no weight decay;
+  4. ppo and tis average over tokens, while the eq. 1 losses and reinforce sum log-probs over the
+     completion, so one `--lr` means different step sizes for the two families;
+  5. no vLLM or other inference server: the generator is a plain copy of the policy in the same process.
 
 `python offpolicy_pessimism.py` runs offline: a built-in 2-digit addition task and a tiny
 character-level Llama that the script builds and warm-starts itself. `--model` loads any Hugging
-Face causal LM, `--task gsm8k|math|jsonl --data FILE` a math data set, `--compare` runs a grid of
-losses x lags, `--bench N` times N steps, and `torchrun --nproc-per-node N` splits a run or a grid
-across N processes. See README.md.
+Face causal LM, `--task gsm8k|math|jsonl --data FILE` a math data set, and
+`torchrun --nproc-per-node N` splits a run across N processes. See README.md.
 """
 
 from __future__ import annotations
@@ -35,7 +45,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import functools
 import hashlib
 import importlib.util
 import inspect
@@ -47,6 +56,7 @@ import re
 import shutil
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -58,8 +68,6 @@ from tqdm import tqdm
 LOSSES = ("ppo", "tis", "reinforce", "oapl", "apo", "pmd", "shifted", "centred")
 TASKS = ("arith", "gsm8k", "math", "jsonl")
 BUILTIN_WARM_START_STEPS = 600  # supervised steps that bring the tiny model to 0.635 greedy accuracy
-STRONG_WARM_START_STEPS = 900   # --preset strong-start: 0.915 greedy accuracy
-ACTIVATION_BUDGET_GB = 8.0      # --micro-batch 0: activations kept for the backward pass, per micro-batch
 
 
 # ==============================================================================================
@@ -74,8 +82,9 @@ def flag(default, help: str, **argparse_kwargs):
 
 @dataclass
 class RLConfig:
-    """The algorithm's flags; `Config` (appendix) adds those of the task, the model, speed, files, the grid."""
-    loss: str = flag("shifted", "objective; shifted is the paper's proposal", choices=LOSSES)
+    """The algorithm's flags (`Config`, appendix, adds task, model, speed, files); placeholder defaults are
+    resolved in one place, `resolve_defaults`."""
+    loss: str = flag("shifted", "objective; shifted is the paper's beta-shifted mean, as we read it", choices=LOSSES)
     lag: int = flag(16, "optimizer steps between generator refreshes (1 = on-policy)")
     steps: int = flag(300, "optimizer steps of RL")
     prompts_per_step: int = flag(16, "prompts per batch")
@@ -99,9 +108,8 @@ class RLConfig:
     eval_every: int = flag(25, "evaluate (and checkpoint) every N steps")
 
 
-
 # ----------------------------------------------------------------------------------------------
-# Task and reward: 2-digit additions, and a checker that parses the final answer (never executes it).
+# Task and reward: 2-digit additions, and a reward that reads the completion's last number.
 # ----------------------------------------------------------------------------------------------
 def arithmetic_problems(eval_size: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """All 3000 `a+b=` with a < 100 and b < 30, split into (train, held-out eval) with a fixed seed."""
@@ -111,13 +119,14 @@ def arithmetic_problems(eval_size: int) -> tuple[list[tuple[str, str]], list[tup
 
 
 def reward(completion: str, answer: str) -> float:
-    """1.0 when the completion's final answer equals the reference answer after normalisation, else 0.0
-    (the final answer: after `####`, else in the last `\\boxed{}`, else the last number; appendix)."""
-    return float(answers_match(extract_answer(completion), answer))
+    """The built-in task's reward: 1.0 when the completion's last number has the answer's value (`46`, `046`,
+    `=46`, `+46.0`), else 0.0; it parses, never executes. Data tasks: the math-answer checker (appendix)."""
+    numbers = re.findall(r"[-+]?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)", completion)
+    return float(bool(numbers) and Fraction(numbers[-1]) == Fraction(answer))
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: a tiny character-level Llama built in code (or any HF causal LM), warm-started on answers.
+# Model: a tiny character-level Llama built in code (`load_model`, appendix: --model, the warm start).
 # ----------------------------------------------------------------------------------------------
 def build_tiny_model(tokenizer, seed: int = 0):
     """A 4-layer, 64-wide Llama (about 0.26M parameters) initialised with a fixed seed."""
@@ -136,52 +145,6 @@ def builtin_model():
     return build_tiny_model(tokenizer), tokenizer
 
 
-def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int = 64, lr: float = 3e-3) -> None:
-    """Supervised fine-tuning on `prompt + answer + EOS`, the loss on answer tokens only (seed 0)."""
-    rng = random.Random(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in tqdm(range(steps), desc="warm start", leave=False):
-        batch = rng.sample(problems, batch_size) if len(problems) >= batch_size else rng.choices(problems, k=batch_size)
-        prompt_ids = encode_prompts(tokenizer, [p for p, _ in batch])
-        answer_ids = [tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for _, a in batch]
-        width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
-        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, width), -100, dtype=torch.long)
-        for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
-            input_ids[row, : len(p) + len(a)] = torch.tensor(p + a)
-            labels[row, len(p): len(p) + len(a)] = torch.tensor(a)
-        attention_mask = (labels != -100) | (torch.arange(width) < torch.tensor([len(p) for p in prompt_ids])[:, None])
-        loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                     labels=labels.to(device)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
-def load_model(cfg: Config, train_problems, device):
-    """The policy at the start of RL (also the A*-PO reference), warm-started once and cached in --out."""
-    steps = cfg.warm_start_steps if cfg.warm_start_steps >= 0 else (0 if cfg.model else BUILTIN_WARM_START_STEPS)
-    source = cfg.model or "builtin-tiny-llama"
-
-    def load(path):
-        return load_pretrained(path, cfg.trust_remote_code, cfg.plain_prompts) if path else builtin_model()
-
-    if steps == 0:
-        model, tokenizer = load(cfg.model)
-        return model, tokenizer, source
-    cache_dir = warm_start_folder(cfg, source, steps)
-    if os.path.isdir(cache_dir):
-        model, tokenizer = load(cache_dir)
-        return model, tokenizer, cache_dir
-    model, tokenizer = load(cfg.model)
-    model.to(device)
-    started = time.time()
-    warm_start(model, tokenizer, train_problems, steps, device)
-    save_model_atomically(model, tokenizer, cache_dir)  # a half-written warm start is never picked up
-    tqdm.write(f"warm start: {steps} supervised steps in {time.time() - started:.0f}s, cached in {cache_dir}")
-    return model, tokenizer, cache_dir
-
 
 # ----------------------------------------------------------------------------------------------
 # Lagged generator: a frozen copy of the policy that samples groups and records behaviour log-probs.
@@ -199,11 +162,7 @@ class Rollout:
 
     def rows(self, part: slice) -> Rollout:
         """The rows `part` of every tensor (a micro-batch)."""
-        return self.apply(lambda tensor: tensor[part])
-
-    def apply(self, function) -> Rollout:
-        """The rollout with `function` applied to each of its tensors."""
-        return dataclasses.replace(self, **{f.name: function(getattr(self, f.name)) for f in dataclasses.fields(self)
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[part] for f in dataclasses.fields(self)
                                             if f.name != "staleness"})
 
 
@@ -246,44 +205,40 @@ def sample_token(logp: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
 
-def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                       eos_id: int, pad_id: int, noise: torch.Tensor | None, repeats: int = 1) -> Rollout:
+def decode_step(model, cache: dict, token: torch.Tensor, attention_mask: torch.Tensor,
+                position: torch.Tensor) -> torch.Tensor:
+    """The last token of every row (rows, 1) in, the next logits (rows, V) out in fp32; the model appends its
+    keys and values to `cache`. `CompiledDecodeStep` (appendix, --compile) is the drop-in."""
+    return model(input_ids=token, attention_mask=attention_mask.long(), position_ids=position, use_cache=True,
+                 **cache).logits[:, -1].float()
+
+
+@torch.no_grad()
+def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, eos_id: int,
+                       pad_id: int, noise: torch.Tensor | None, repeats: int = 1, step=decode_step) -> Rollout:
     """Sample `repeats` completions per prompt (rows prompt-major) with the KV cache; temperature 0 is
     greedy (noise None), else noise holds each row's uniforms (rows, >= max_new_tokens), see `sampling_noise`.
 
-    Each prompt is encoded once and its KV cache copied to its `repeats` rows. behavior_logp[t] =
-    log_softmax(logits_t / temperature)[y_t], in fp32: exactly the distribution the token was drawn
-    from, so `policy_logp - behavior_logp` is the true per-token log-ratio.
-    """
-    with torch.no_grad():
-        try:
-            return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats))
-        except FallBackToEager:  # --compile auto: the compiled step failed; this model decodes eagerly from now on
-            return Rollout(*_sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats))
-
-
-def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, noise, repeats) -> tuple[torch.Tensor, ...]:
+    Each prompt runs once, its KV cache copied to its `repeats` rows, then `step` until every row has ended.
+    behavior_logp[t] = log_softmax(logits_t / temperature)[y_t] in fp32: exactly the distribution y_t was
+    drawn from, so `policy_logp - behavior_logp` is the true per-token log-ratio."""
     device = next(model.parameters()).device
-    noise = None if temperature == 0 else noise.to(device)
     unique_prompt, unique_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
-    cache = new_cache(model)
+    cache = new_cache(model)  # {"cache" or "past_key_values": an empty DynamicCache}, filled by the model
     out = model(input_ids=unique_prompt, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
                 use_cache=True, **cache, **last_logits_only(model))  # the prompt's last position is sampled from
+    next(iter(cache.values())).batch_repeat_interleave(repeats)  # each prompt's keys and values on its rows
     logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
-    prompt, prompt_mask = unique_prompt.repeat_interleave(repeats, 0), unique_mask.repeat_interleave(repeats, 0)
-    decode = start_decoding(model, cache, repeats, prompt_mask, max_new_tokens)  # a token in, the next logits out
-    rows = prompt.shape[0]
+    prompt, attention_mask = unique_prompt.repeat_interleave(repeats, 0), unique_mask.repeat_interleave(repeats, 0)
+    rows, prompt_mask = prompt.shape[0], attention_mask
     next_position = position_ids(prompt_mask)[:, -1:] + 1
+    noise = None if temperature == 0 else noise.to(device)
     tokens, logps = [], []
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        if temperature > 0:
-            logp = torch.log_softmax(logits / temperature, dim=-1)
-            token = sample_token(logp, noise[:, t])
-        else:
-            logp = torch.log_softmax(logits, dim=-1)
-            token = logits.argmax(-1)
+        logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+        token = sample_token(logp, noise[:, t]) if temperature > 0 else logits.argmax(-1)
         token_logp = logp.gather(-1, token[:, None]).squeeze(-1)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
@@ -293,19 +248,20 @@ def _sample(model, prompt_ids, max_new_tokens, temperature, eos_id, pad_id, nois
         finished |= just_ended
         if finished.all() or t == max_new_tokens - 1:
             break
-        logits = decode(token[:, None], next_position)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        logits = step(model, cache, token[:, None], attention_mask, next_position)
         next_position = next_position + 1
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
     behavior_logp = torch.stack(logps, dim=1) * completion_mask
-    return prompt, prompt_mask, completion_ids, completion_mask, behavior_logp, ~finished
+    return Rollout(prompt, prompt_mask, completion_ids, completion_mask, behavior_logp, ~finished)
 
 
 def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
-                  temperature: float, noise: torch.Tensor, staleness: int = 0) -> Rollout:
+                  temperature: float, noise: torch.Tensor, staleness: int = 0, step=decode_step) -> Rollout:
     """G completions per prompt from the (possibly stale) generator; the batch carries its staleness."""
     rollout = sample_completions(generator, encode_prompts(tokenizer, prompts), max_new_tokens, temperature,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id, noise, repeats=group_size)
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, noise, group_size, step)
     rollout.staleness = staleness
     return rollout
 
@@ -325,19 +281,29 @@ def frozen_copy(model):
 # ----------------------------------------------------------------------------------------------
 # The policy's log-probs of the sampled completions, with the graph.
 # ----------------------------------------------------------------------------------------------
-def completion_logprobs(model, rollout: Rollout, temperature: float, chunk_rows: int = 8):
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """Logits (N, T, V) at the positions that predict y_0 .. y_T-1, with the graph: one forward over each
+    row's prompt and completion (y_T-1 is never an input). `shared_prompt_logits` (appendix) is the
+    drop-in that runs a group's prompt once."""
+    width = completion_ids.shape[1]
+    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+    logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1), attention_mask=mask.long(),
+                   position_ids=position_ids(mask), **last_logits_only(model, width)).logits
+    return logits[:, -width:] if logits.shape[1] > width else logits  # slice only when needed: its backward zero-fills
+
+
+def completion_logprobs(model, rollout: Rollout, temperature: float, logits_of=completion_logits, chunk_rows: int = 8):
     """Per-token log pi(y_t | x, y_<t) (N, T) in fp32 with the graph, and the token entropy (N, T), detached.
 
-    Columns that are padding in every row are dropped first, logits are computed at the completion's
-    positions only (a group's prompt runs once: `completion_logits`, appendix), and log pi(y_t) =
-    logit(y_t) - logsumexp(logits) is taken chunk_rows rows at a time: no fp32 log-softmax over the
-    whole (N, T, V) batch is ever materialised.
+    Columns that are padding in every row are dropped first, the logits come from `logits_of` (the plain
+    `completion_logits` or its drop-in), and log pi(y_t) = logit(y_t) - logsumexp(logits) is taken
+    chunk_rows rows at a time: no fp32 log-softmax over the whole (N, T, V) batch is ever materialised.
     """
     first_prompt_column = int(rollout.prompt_mask.any(0).int().argmax())  # left padding in every row
     width = int(rollout.completion_mask.sum(-1).max())                     # right padding in every row
     completion_ids, completion_mask = rollout.completion_ids[:, :width], rollout.completion_mask[:, :width]
-    logits = completion_logits(model, rollout.prompt_ids[:, first_prompt_column:],
-                               rollout.prompt_mask[:, first_prompt_column:], completion_ids, completion_mask)
+    logits = logits_of(model, rollout.prompt_ids[:, first_prompt_column:],
+                       rollout.prompt_mask[:, first_prompt_column:], completion_ids, completion_mask)
     token_logp, entropy = [], []
     for chunk, chunk_ids in zip(logits.split(chunk_rows), completion_ids.split(chunk_rows)):
         chunk = chunk.float() / temperature
@@ -348,7 +314,6 @@ def completion_logprobs(model, rollout: Rollout, temperature: float, chunk_rows:
     padding = (0, rollout.completion_ids.shape[1] - width)
     token_logp = F.pad(torch.cat(token_logp) * completion_mask, padding)
     return token_logp, F.pad(torch.cat(entropy) * completion_mask, padding)
-
 
 # ----------------------------------------------------------------------------------------------
 # Advantages: one small function per baseline. rewards: (groups, G); outputs broadcast to it.
@@ -458,9 +423,10 @@ def pmd_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, 
 
 def shifted_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, shift: float = 1.0,
                  length_normalize: bool = False):
-    """The paper's proposal, eq. 1 with the beta-shifted-mean advantage:
+    """The paper's beta-shifted mean (as we read it), eq. 1 with the advantage r - mean + shift * beta:
     L = mean (beta * log(pi/mu)(y) - (r - mean_j r_j + shift * beta))^2.
-    E_mu exp(A/beta) >= e^shift > 1, so every group is strictly in the pessimistic regime.
+    By Jensen E_mu exp(A/beta) >= e^shift: for shift > 0 every group is strictly pessimistic (c > 0);
+    shift = 0 is pmd; a negative shift can put groups in the negative regime.
     """
     advantages = shifted_mean_advantages(rewards, beta, shift)
     log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
@@ -484,16 +450,17 @@ def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor)
             "clip_fraction": clipped.float().mean().item()}
 
 
-def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=None, ref_value=None):
-    """Dispatch to the loss chosen by --loss with its hyper-parameters.
-
-    With --truncated mask, completions cut at --max-new-tokens carry no gradient (their mask is empty)
-    but still count in their group's baseline.
-    """
-    mask = rollout.completion_mask
+def loss_mask(cfg: Config, rollout: Rollout) -> torch.Tensor:
+    """The tokens the loss sums over (N, T): the completion's, none of a cut completion's with --truncated mask."""
     if cfg.truncated == "mask":
-        mask = mask & ~rollout.truncated[:, None]
-    behavior_logp, norm = rollout.behavior_logp, cfg.length_normalize
+        return rollout.completion_mask & ~rollout.truncated[:, None]
+    return rollout.completion_mask
+
+
+def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=None, ref_value=None):
+    """The loss chosen by --loss with its hyper-parameters. With --truncated mask, completions cut at
+    --max-new-tokens carry no gradient (their mask is empty) but still count in their group's baseline."""
+    mask, behavior_logp, norm = loss_mask(cfg, rollout), rollout.behavior_logp, cfg.length_normalize
     if cfg.loss == "ppo":
         return ppo_loss(policy_logp, behavior_logp, mask, rewards, cfg.clip_eps)
     if cfg.loss == "tis":
@@ -622,7 +589,8 @@ def mass_leakage(policy_sequence_logp: torch.Tensor, behavior_sequence_logp: tor
 
 def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.device) -> dict:
     """One line of metrics.jsonl (README, "Reading metrics.jsonl"): the batch as the policy saw it
-    before the update, the loss's own diagnostics, the regime and mean-term diagnostics, timings."""
+    before the update, the loss's own diagnostics, the regime and mean-term diagnostics, timings.
+    The regimes are those of eq. 2 on the G samples from mu, so apo (anchored on pi_ref) has none."""
     rollout, rewards, mask = result.rollout, result.rewards, result.rollout.completion_mask
     advantages = result.diagnostics["advantages"].detach()
     policy_sequence_logp = sequence_sum(result.policy_logp, mask)
@@ -641,10 +609,11 @@ def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.devic
         **mass_leakage(policy_sequence_logp, behavior_sequence_logp, rollout.completion_ids, mask, cfg.group_size),
         **{key: value for key, value in result.diagnostics.items() if key != "advantages"},
     }
-    if cfg.loss in ("oapl", "apo", "pmd", "shifted"):
+    if cfg.loss in ("oapl", "pmd", "shifted"):  # anchored on mu, a baseline per group (apo's anchor is pi_ref)
         record.update(regime_diagnostics(advantages, rewards, cfg.beta))
-    if cfg.loss in ("oapl", "pmd", "shifted"):  # group-constant baselines: the mean term's target for dbar, Abar / beta
-        centred, mean_term = regression_split(sequence_log_ratio.view_as(rewards), advantages, cfg.beta)
+        loss_log_ratio = sequence_sum(result.policy_logp - rollout.behavior_logp, loss_mask(cfg, rollout),
+                                      cfg.length_normalize)  # the log-ratios the loss regressed: the parts sum to it
+        centred, mean_term = regression_split(loss_log_ratio.view_as(rewards), advantages, cfg.beta)
         record.update(mean_term_target=(group_mean(advantages) / cfg.beta).mean().item(),
                       loss_centred=centred.item(), loss_mean_term=mean_term.item())
     record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch,
@@ -656,10 +625,6 @@ def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.devic
 # One RL step: refresh the generator when its lag is up, sample G completions per prompt, score them,
 # compute the loss and its gradient (in micro-batches), and take an AdamW step.
 # ----------------------------------------------------------------------------------------------
-class TrainingDiverged(Exception):
-    """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
-
-
 def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
     return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
             for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
@@ -679,21 +644,90 @@ def score(tokenizer, rollout: Rollout, answers: list[str], group_size: int, chec
     return rewards.view(-1, group_size)
 
 
-def reference_values(reference, tokenizer, batch, cache: dict, cfg: Config) -> torch.Tensor:
-    """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref, then cached.
-    Each prompt's draws are seeded by the prompt, so V_ref does not depend on when or where it is first needed."""
+@dataclass
+class ModelsAndOptimizer:
+    policy: torch.nn.Module            # pi_theta, fp32 weights
+    generator: torch.nn.Module         # mu: a frozen copy, refreshed every `lag` steps
+    reference: torch.nn.Module | None  # pi_ref, the policy as RL started (A*-PO only)
+    optimizer: torch.optim.Optimizer
+    precision: str                     # fp32, or bf16 autocast
+    decode_step: object = decode_step  # sampling's decode step: the plain one, or its compiled drop-in
+    bytes_per_token: float = 0.0       # activations kept for backward, per token: sizes --micro-batch 0
+
+
+def prepare_models(cfg: Config, policy, device: torch.device, precision: str) -> ModelsAndOptimizer:
+    """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
+    same log-probs), its generator mu, the reference pi_ref (A*-PO only) and the optimizer. With bf16 the
+    copies are stored in bf16: they only sample and score, and autocast rounds weights to bf16 anyway."""
+    policy.to(device).eval()
+    copy_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    generator = frozen_copy(policy).to(copy_dtype)
+    reference = frozen_copy(policy).to(copy_dtype) if cfg.loss == "apo" else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    models = ModelsAndOptimizer(policy, generator, reference, optimizer, precision)
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(policy)
+    if CompiledDecodeStep.wanted(cfg, device):  # --compile: the drop-in for decode_step, same tokens (a test)
+        models.decode_step = CompiledDecodeStep(cfg.max_new_tokens, fall_back=cfg.compile == "auto")
+    if cfg.micro_batch == 0:
+        models.bytes_per_token = activation_bytes_per_token(policy, precision)
+    return models
+
+
+def reference_values(models: ModelsAndOptimizer, tokenizer, batch, cache: dict, cfg: Config) -> torch.Tensor:
+    """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref (seeded by the
+    prompt, so V_ref does not depend on when it is first needed), then cached."""
     new = [(p, a) for p, a in dict(batch).items() if p not in cache]
     if new:
         noise = torch.cat([sampling_noise(f"{cfg.seed}|reference|{p}", cfg.group_size, cfg.max_new_tokens)
                            for p, _ in new])
-        rollout = sample_groups(reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, noise)
+        rollout = sample_groups(models.reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
+                                cfg.temperature, noise, step=models.decode_step)
         rewards = score(tokenizer, rollout, [a for _, a in new], cfg.group_size, CHECKERS[cfg.checker],
                         zero_truncated=cfg.truncated == "zero")
         values = soft_value(rewards, cfg.beta_value)
         cache.update({p: v for (p, _), v in zip(new, values.squeeze(-1).tolist())})
-    device = next(reference.parameters()).device
+    device = next(models.reference.parameters()).device
     return torch.tensor([cache[p] for p, _ in batch], device=device)[:, None]
+
+
+def seconds_since(tick: float, device: torch.device) -> float:
+    """Wall-clock seconds since `tick`, the GPU's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - tick
+
+
+def micro_batches(rows: int, micro_batch: int) -> list[slice]:
+    """Row slices of at most micro_batch rows (0: one slice with every row)."""
+    size = micro_batch if 0 < micro_batch < rows else rows
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micro_batch: int, loss_of,
+                              precision: str = "fp32"):
+    """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
+
+    Why the gradient is the full batch's: every loss here is a mean over completions of a per-completion
+    term (the advantages depend on the rewards alone; centred's also on its group's log-ratios, so it
+    takes micro-batches of whole groups). The full-batch gradient is therefore the sum, over
+    micro-batches, of the gradient of the full-batch loss in which only that micro-batch's rows carry
+    the graph (the other rows enter as constants). No rescaling is needed, and only one micro-batch's
+    activations are alive at a time. Returns the full-batch (loss, diagnostics) and the detached
+    (policy_logp, entropy), both (N, T).
+    """
+    device = rollout.completion_ids.device
+    policy_logp, entropy = torch.zeros_like(rollout.behavior_logp), torch.zeros_like(rollout.behavior_logp)
+    for part in micro_batches(rollout.completion_ids.shape[0], micro_batch):
+        with autocast(device, precision):  # the drop-in for completion_logits: a group's prompt runs once
+            part_logp, entropy[part] = completion_logprobs(policy, rollout.rows(part), temperature,
+                                                           logits_of=shared_prompt_logits)
+        with_graph = torch.cat([policy_logp[:part.start], part_logp, policy_logp[part.stop:]])
+        loss, _ = loss_of(with_graph)
+        loss.backward()
+        policy_logp[part] = part_logp.detach()
+    loss, diagnostics = loss_of(policy_logp)
+    return loss, diagnostics, policy_logp, entropy
 
 
 @dataclass
@@ -711,79 +745,45 @@ class StepResult:
     ref_value: torch.Tensor | None = None  # A*-PO: (groups, 1) V_ref
 
 
-@dataclass
-class ModelsAndOptimizer:
-    policy: torch.nn.Module            # pi_theta, fp32 weights
-    generator: torch.nn.Module         # mu: a frozen copy, refreshed every `lag` steps
-    reference: torch.nn.Module | None  # pi_ref, the policy as RL started (A*-PO only)
-    optimizer: torch.optim.Optimizer
-    precision: str                     # fp32, or bf16 autocast
-    bytes_per_token: float             # activations kept for backward, per token: sizes --micro-batch 0 (else 0)
-    ddp_logprobs: torch.nn.Module | None = None  # torchrun: DistributedDataParallel(LogprobsForDDP(policy))
-
-
-def prepare_models(cfg: Config, policy, device: torch.device, precision: str, world: int = 1) -> ModelsAndOptimizer:
-    """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
-    same log-probs), its generator mu and the reference pi_ref (A*-PO only), the optimizer, and with
-    world > 1 processes (torchrun) the DDP wrapper whose backward averages their gradients.
-
-    With bf16 the two copies are stored in bf16: they only sample and score, and autocast rounds the
-    weights to bf16 for every matmul anyway (norms and the residual stream also run in bf16 there).
-    """
-    policy.to(device).eval()
-    copy_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    generator = frozen_copy(policy).to(copy_dtype)
-    reference = frozen_copy(policy).to(copy_dtype) if cfg.loss == "apo" else None
-    if cfg.grad_checkpointing:
-        enable_gradient_checkpointing(policy)
-    compile_decoding_if_asked(cfg, device, (policy, generator, reference))  # --compile; the policy samples in eval
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    bytes_per_token = activation_bytes_per_token(policy, precision) if cfg.micro_batch == 0 else 0.0
-    ddp_logprobs = None if world == 1 else logprobs_for_ddp(policy, device)
-    return ModelsAndOptimizer(policy, generator, reference, optimizer, precision, bytes_per_token, ddp_logprobs)
-
-
 def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tuple[str, str]], staleness: int,
-            noise: torch.Tensor, ref_values: dict) -> StepResult:
-    """One optimizer step: G completions per prompt from the generator (first refreshed from the policy,
-    in place, when staleness is 0), rewards, loss, backward, AdamW."""
-    policy, generator, reference, optimizer = models.policy, models.generator, models.reference, models.optimizer
-    device, precision = next(policy.parameters()).device, models.precision
-    seconds, tick = {}, time.perf_counter()
+            noise: torch.Tensor, ref_values: dict, processes: Processes | None = None) -> StepResult:
+    """One optimizer step: G completions per prompt from the generator (first refreshed from the policy, in
+    place, when staleness is 0), rewards, loss, backward, AdamW; `processes` train on the batch's other shares."""
+    policy, generator, optimizer, precision = models.policy, models.generator, models.optimizer, models.precision
+    device, seconds, tick = next(policy.parameters()).device, {}, time.perf_counter()
     if staleness == 0:
         refresh_generator(generator, policy)
     with autocast(device, precision):
         rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, noise, staleness)
-        ref_value = None if reference is None else reference_values(reference, tokenizer, batch, ref_values, cfg)
+                                cfg.temperature, noise, staleness, models.decode_step)
+        ref_value = None if models.reference is None else reference_values(models, tokenizer, batch, ref_values, cfg)
     rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, CHECKERS[cfg.checker],
                     zero_truncated=cfg.truncated == "zero")  # (groups, G)
-    synchronize(device)
-    seconds["generation"], tick = time.perf_counter() - tick, time.perf_counter()
+    seconds["generation"], tick = seconds_since(tick, device), time.perf_counter()
 
     micro_batch = cfg.micro_batch or auto_micro_batch(rollout, cfg.group_size, models.bytes_per_token)
     if cfg.loss == "centred":  # its loss couples a group's completions: micro-batches of whole groups
         micro_batch = -(-micro_batch // cfg.group_size) * cfg.group_size
     ref_logp = None
-    if reference is not None:  # the only extra pass: behaviour log-probs were recorded while sampling
+    if models.reference is not None:  # the only extra pass: behaviour log-probs were recorded while sampling
         with torch.no_grad(), autocast(device, precision):
-            ref_logp = torch.cat([completion_logprobs(reference, rollout.rows(part), cfg.temperature)[0]
-                                  for part in micro_batches(rollout, micro_batch)])
-    synchronize(device)
-    seconds["logprobs"], tick = time.perf_counter() - tick, time.perf_counter()
+            ref_logp = torch.cat([completion_logprobs(models.reference, rollout.rows(part), cfg.temperature,
+                                                      logits_of=shared_prompt_logits)[0]
+                                  for part in micro_batches(rollout.completion_ids.shape[0], micro_batch)])
+    seconds["logprobs"], tick = seconds_since(tick, device), time.perf_counter()
 
     optimizer.zero_grad(set_to_none=True)
     loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
-        models.ddp_logprobs or policy, rollout, cfg.temperature, micro_batch,
+        policy, rollout, cfg.temperature, micro_batch,
         lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision)
+    (processes or Processes()).average_gradients(policy)  # several processes: the mean of their shares' gradients
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss.item()}")
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
     if not torch.isfinite(grad_norm):
         raise TrainingDiverged(f"gradient norm is {grad_norm.item()}")
     optimizer.step()
-    synchronize(device)
-    seconds["update"] = time.perf_counter() - tick
+    seconds["update"] = seconds_since(tick, device)
     return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, micro_batch,
                       seconds, ref_logp, ref_value)
 
@@ -792,17 +792,15 @@ def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tupl
 # Training loop: start (or resume), then every step refresh-or-not, sample, score, update, log.
 # ----------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256,
-             checker=reward, process: TorchrunProcess | None = None) -> float:
-    """Greedy accuracy on held-out problems. Under torchrun each process takes its batches (the same
-    batches as one process) and the counts are summed across processes."""
-    process = process or TorchrunProcess()
-    correct = 0.0
-    for start in process.batch_starts(len(problems), batch_size):
+             checker=reward, processes: Processes | None = None, step=decode_step) -> float:
+    """Greedy accuracy on held-out problems (several processes: each takes its batches, counts are summed)."""
+    processes, correct = processes or Processes(), 0.0  # one process: every batch, nothing to sum
+    for start in processes.batch_starts(len(problems), batch_size):
         batch = problems[start:start + batch_size]
         rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
-                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None)
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None, step=step)
         correct += score(tokenizer, rollout, [a for _, a in batch], 1, checker).sum().item()
-    return process.total(correct, next(model.parameters()).device) / len(problems)
+    return processes.sum(correct, next(model.parameters()).device) / len(problems)
 
 
 @dataclass
@@ -813,8 +811,8 @@ class Run:
     tokenizer: object
     train_problems: list[tuple[str, str]]
     eval_problems: list[tuple[str, str]]
-    process: TorchrunProcess  # this process's place under torchrun (rank 0 writes the files)
-    folder: str               # the run's folder under --out
+    processes: Processes      # the processes that share each batch (the first one writes the files)
+    folder: RunFolder         # the run's folder under --out and its files
     source: str               # where the policy at the start of RL came from
     device: torch.device
     prompt_rng: random.Random
@@ -823,23 +821,24 @@ class Run:
     evals: list[float] = field(default_factory=list)            # greedy accuracy at each evaluation so far
 
 
-def start_run(cfg: Config, problems: tuple[list, list] | None, process: TorchrunProcess) -> tuple[Run, int]:
+def start_run(cfg: Config, problems: tuple[list, list] | None, processes: Processes) -> tuple[Run, int]:
     """The run and the step it starts after: 0 (having evaluated the warm start), or its checkpoint's."""
     device, precision = device_and_precision(cfg)
     train_problems, eval_problems = problems or load_task(cfg)
     if len(train_problems) < cfg.prompts_per_step:
         raise UsageError(f"{len(train_problems)} training problems are fewer than --prompts-per-step "
                          f"{cfg.prompts_per_step}")
-    with process.rank_zero_first():  # a warm start is built once and cached; the other processes load it
-        policy, tokenizer, source = load_model(cfg, train_problems, device)
-    models = prepare_models(cfg, policy, device, precision, process.world)
-    run = Run(cfg, models, tokenizer, train_problems, eval_problems, process, run_folder(cfg), source, device,
+
+    with processes.rank_zero_first():  # a warm start is built once and cached; the other processes load it
+        policy, tokenizer, source = load_model(cfg, train_problems, device, say_where_it_runs=processes.writes)
+    models = prepare_models(cfg, policy, device, precision)
+    run = Run(cfg, models, tokenizer, train_problems, eval_problems, processes, RunFolder(cfg), source, device,
               prompt_rng=random.Random(cfg.seed))
-    say_where_it_runs(run)  # device, precision, model, decoding: the first line a run prints
     if cfg.resume:
-        return run, resume_run(run)
+        return run, run.folder.resume(run)
     run.evals.append(accuracy(run))
-    write_run_start(run)  # config.json, the step-0 line of metrics.jsonl, the first checkpoint
+    if processes.writes:
+        run.folder.write_start(run)  # config.json, the step-0 line of metrics.jsonl, the first checkpoint
     return run, 0
 
 
@@ -848,63 +847,67 @@ def accuracy(run: Run) -> float:
     cfg = run.cfg
     with autocast(run.device, run.models.precision):
         return evaluate(run.models.policy, run.tokenizer, run.eval_problems, cfg.max_new_tokens,
-                        cfg.prompts_per_step * cfg.group_size, CHECKERS[cfg.checker], run.process)
+                        cfg.prompts_per_step * cfg.group_size, CHECKERS[cfg.checker], run.processes, run.models.decode_step)
 
 
-def train(cfg: Config, problems: tuple[list, list] | None = None,
-          process: TorchrunProcess | None = None) -> dict | None:
-    """One run. Under torchrun every process runs this on its share of each batch; rank 0 writes the
-    files and returns the summary, the others None."""
-    process = process or TorchrunProcess()
-    run, start_step = start_run(cfg, problems, process)
+def train(cfg: Config, problems: tuple[list, list] | None = None, processes: Processes | None = None) -> dict | None:
+    """One run (several processes: each on its share of every batch; the first writes the files and
+    returns the summary, the others None)."""
+    processes = processes or Processes()  # one process, unless torchrun started several
+    run, start_step = start_run(cfg, problems, processes)
     started = time.time() - run.totals["seconds"]
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run.folder), initial=start_step,
-               total=cfg.steps, dynamic_ncols=True, disable=not process.writes or process.quiet)
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run.folder.path), initial=start_step,
+               total=cfg.steps, dynamic_ncols=True, disable=not processes.writes or processes.quiet)
     for step in bar:
         # 1. the generator is refreshed from the policy every `lag` steps (staleness 0), stale in between;
         # 2. it samples, the completions are scored, the policy is updated
         staleness = (step - 1) % cfg.lag
         prompts = run.prompt_rng.sample(run.train_problems, cfg.prompts_per_step)
-        batch, noise = process.share(prompts, step_noise(cfg, step, len(prompts)))  # all of it, for one process
+        batch, noise = processes.share(prompts, step_noise(cfg, step, len(prompts)))  # one process: all of it
         try:
-            result = rl_step(cfg, run.models, run.tokenizer, batch, staleness, noise, run.ref_values)
+            result = rl_step(cfg, run.models, run.tokenizer, batch, staleness, noise, run.ref_values, processes)
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error} at step {step}; the last good checkpoint stays in "
-                                   f"{checkpoint_path(run)}")
-        result = process.whole_batch(cfg, result, run.tokenizer.pad_token_id)  # torchrun: every share, on rank 0
+                                   f"{run.folder.checkpoint}")
         step_accuracy = accuracy(run) if step % cfg.eval_every == 0 or step == cfg.steps else None
-        if process.writes:  # 3. the step's metrics (diagnostics on the batch as the policy saw it)
-            record = log_step(run, step, result, step_accuracy, started)
+        # 3. the step's metrics: diagnostics on the batch as the policy saw it (several processes: of every share)
+        record = processes.mean_over_processes(step_metrics(cfg, step, result, run.device), run.device)
+        if processes.writes:
+            log_step(run, step, prompts, result, record, step_accuracy, started)
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{run.evals[-1]:.3f}", stale=staleness)
     bar.close()
-    return write_summary(run) if process.writes else None
+    return run.folder.write_summary(run) if processes.writes else None
 
 
-def log_step(run: Run, step: int, result: StepResult, step_accuracy: float | None, started: float) -> dict:
-    """Append the step's line to metrics.jsonl; at an evaluation, add its accuracy and checkpoint."""
-    record = step_metrics(run.cfg, step, result, run.device)
+def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepResult, record: dict,
+             step_accuracy: float | None, started: float) -> None:
+    """The step's line of metrics.jsonl; at an evaluation its accuracy, samples, checkpoint and curves."""
     run.totals["rollout_seconds"] += result.seconds["generation"]
     run.totals["rollout_tokens"] += int(result.rollout.completion_mask.sum())
     if step_accuracy is not None:
         record["eval_accuracy"] = step_accuracy
         run.evals.append(step_accuracy)
-    append_metrics(metrics_path(run), record)
+    run.folder.append_metrics(record)
     run.totals["seconds"] = time.time() - started
     if step_accuracy is not None:
-        save_run_checkpoint(run, step)
-        draw_curves(run.folder, run.cfg.loss)  # curves.png, when matplotlib is installed
-    return record
+        run.folder.append_samples(run.tokenizer, prompts, result, step)  # a few completions; prints one
+        run.folder.save_checkpoint(run, step)
+        run.folder.draw_curves(run.cfg.loss)  # curves.png, when matplotlib is installed
 
 
 # ==============================================================================================
 # Appendix: the machinery. Part I calls it by name; each part says why it is here.
 # ==============================================================================================
 # ----------------------------------------------------------------------------------------------
-# Flags: parse the command line, and refuse any setting that cannot work before anything is loaded.
+# Flags: parse the command line, resolve the placeholder defaults, and refuse any setting that
+# cannot work before anything is loaded.
 # ----------------------------------------------------------------------------------------------
+ACTIVATION_BUDGET_GB = 8.0  # --micro-batch 0: activations kept for the backward pass, per micro-batch
+
+
 @dataclass
 class Config(RLConfig):
-    """Every command-line flag: RLConfig's, then these."""
+    """Every command-line flag of a run: RLConfig's, then these."""
     # the task and the model
     task: str = flag("arith", "built-in addition, or a JSONL data set given by --data", choices=TASKS)
     data: str = flag("", "JSONL training problems for --task gsm8k / math / jsonl")
@@ -912,8 +915,9 @@ class Config(RLConfig):
     eval_fraction: float = flag(0.1, "share of --data held out for evaluation when --eval-data is not given")
     question_field: str = flag("", "JSONL field with the problem (empty: problem for --task math, else question)")
     answer_field: str = flag("answer", "JSONL field with the answer, a worked solution (#### / \\boxed{}) or the bare answer")
-    checker: str = flag("builtin", "answer checker; math_verify needs `pip install math-verify`",
-                        choices=("builtin", "math_verify"))
+    checker: str = flag("auto", "reward: arith reads the last number, math our answer parser, math_verify the "
+                        "math-verify package (pip install math-verify); auto = arith for --task arith, else math",
+                        choices=("auto", "arith", "math", "math_verify"))
     model: str = flag("", "Hugging Face causal LM name or path (empty: the built-in tiny model)")
     plain_prompts: bool = flag(False, "--model: feed the raw prompt, not the tokenizer's chat template")
     trust_remote_code: bool = flag(False, "--model: allow the model's own code from the hub (off unless asked)")
@@ -922,61 +926,57 @@ class Config(RLConfig):
                           "auto = bf16 on a CUDA GPU that has it", choices=("auto", "fp32", "bf16"))
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's "
-                            f"(0: the most whole groups whose activations fit {ACTIVATION_BUDGET_GB:g} GB)")
+                            f"(0: sized at every step, the most whole groups whose activations fit "
+                            f"{ACTIVATION_BUDGET_GB:g} GB)")
     compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA for a "
                         "--model run when Triton is there, eager if it fails; the built-in model's 6-token "
                         "completions never repay a compile)", choices=("auto", "on", "off"))
     out: str = flag("runs", "folder for run sub-folders and the cached warm start")
     device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
-    # the benchmark and the comparison grid
-    bench: int = flag(0, "benchmark: time N RL steps after one warm-up step, print them and write bench_*.json "
-                         "in --out (0: train)")
-    bench_shape: str = flag("", "benchmark a randomly initialised model of this shape (offline) instead of --model",
-                            choices=("", "smollm2-135m"))
-    compare: bool = flag(False, "run the grid losses x lags x seeds (same budget per cell), write a table")
-    preset: str = flag("", "compare: lags = 5 losses x lags 1-256 x 3 seeds; regimes = oapl/shifted sweep at lag 64; "
-                           "mechanism = shift sweep, oapl and centred at lags 64/256; strong-start = lags at a "
-                           f"{STRONG_WARM_START_STEPS}-step warm start; start-accuracy = ppo/pmd/oapl/shifted at lags "
-                           "1/64 from five warm starts (greedy accuracy 0.11 to 0.92)",
-                    choices=("", "lags", "regimes", "mechanism", "strong-start", "start-accuracy"))
-    losses: str = flag("ppo,tis,pmd,oapl,shifted", "compare: comma-separated losses")
-    lags: str = flag("1,16,64,256", "compare: comma-separated lags")
-    seeds: str = flag("1,2,3", "compare: comma-separated seeds")
-    beta_values: str = flag("", "compare: comma-separated beta_v for oapl/apo cells (empty: --beta-value)")
-    shifts: str = flag("", "compare: comma-separated shifts for shifted cells (empty: --shift)")
-    betas: str = flag("", "compare: comma-separated beta for every cell (empty: --beta)")
-    warm_starts: str = flag("", "compare: comma-separated --warm-start-steps, e.g. a weak and a strong start")
 
 
 class UsageError(Exception):
     """Bad input: reported as one line before any work starts."""
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
+
+
+def parse_config(argv: list[str] | None = None, config_class=Config, description: str | None = None):
+    """The flags of `config_class` (Config, or an experiment's subclass of it), defaults resolved."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    for f in dataclasses.fields(config_class):
         name = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(name, action="store_true", help=f.metadata["help"])
         else:
             parser.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"],
                                 choices=f.metadata.get("choices"))
-    cfg = Config(**vars(parser.parse_args(argv)))
-    if cfg.max_new_tokens == 0:
-        cfg.max_new_tokens = 6 if cfg.task == "arith" else 512
-    if not cfg.question_field:
-        cfg.question_field = "problem" if cfg.task == "math" else "question"
-    if cfg.lr == 0:  # the built-in model is trained from scratch; a pretrained one is wrecked by 1e-4
-        cfg.lr = 1e-6 if cfg.model else 1e-4
-    return cfg
+    return resolve_defaults(config_class(**vars(parser.parse_args(argv))))
 
 
-def check_config(cfg: Config, world: int = 1) -> None:
-    """Raise UsageError for any setting that cannot work, before anything is loaded or built;
-    world: the number of processes torchrun started."""
+def resolve_defaults(cfg: Config) -> Config:
+    """Every placeholder default, resolved in this one place (config.json records what it became).
+    Two `auto`s are left to the machine: --device and --precision (`device_and_precision`, when the run
+    starts), and --micro-batch 0 is a mode, sized at every step from the rollout (`auto_micro_batch`)."""
+    data_task = cfg.task != "arith"
+    return dataclasses.replace(
+        cfg,
+        max_new_tokens=cfg.max_new_tokens if cfg.max_new_tokens != 0 else (512 if data_task else 6),
+        question_field=cfg.question_field or ("problem" if cfg.task == "math" else "question"),
+        lr=cfg.lr if cfg.lr != 0 else (1e-6 if cfg.model else 1e-4),  # 1e-4 wrecks a pretrained model
+        warm_start_steps=cfg.warm_start_steps if cfg.warm_start_steps != -1 else (
+            0 if cfg.model else BUILTIN_WARM_START_STEPS),
+        checker=cfg.checker if cfg.checker != "auto" else ("math" if data_task else "arith"))
+
+
+def check_config(cfg: Config, world: int = 1, one_run: bool = True) -> None:
+    """Raise UsageError for any setting that cannot work, before anything is loaded or built. world: the
+    processes that share each batch; one_run: a run of its own (not an experiment's cell or step)."""
     at_least = {"lag": 1, "steps": 1, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 1,
-                "eval_size": 1, "eval_every": 1, "warm_start_steps": -1, "micro_batch": 0, "bench": 0}
+                "eval_size": 1, "eval_every": 1, "warm_start_steps": 0, "micro_batch": 0}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
@@ -992,6 +992,8 @@ def check_config(cfg: Config, world: int = 1) -> None:
         raise UsageError("--precision bf16: this GPU has no bf16; use --precision fp32")
     if cfg.model and not os.path.isdir(cfg.model) and cfg.model.startswith((".", "/", "~")):
         raise UsageError(f"--model {cfg.model}: no such directory; give a saved model folder or a hub name")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out} is a file, not a folder; give a folder (it is made if missing)")
     if cfg.task == "arith" and (cfg.data or cfg.eval_data):
         raise UsageError("--data and --eval-data are for --task gsm8k, math or jsonl; the arith task is built in")
     if cfg.task != "arith":
@@ -1004,38 +1006,21 @@ def check_config(cfg: Config, world: int = 1) -> None:
                 raise UsageError(f"{path}: no such file")
         if not cfg.eval_data and not 0 < cfg.eval_fraction < 1:
             raise UsageError(f"--eval-fraction must be in (0, 1), got {cfg.eval_fraction}")
-    if cfg.checker == "math_verify":
-        try:
-            import math_verify  # noqa: F401
-        except ImportError:
-            raise UsageError("--checker math_verify needs the math_verify package: pip install math-verify") from None
+    if cfg.checker == "math_verify" and importlib.util.find_spec("math_verify") is None:
+        raise UsageError("--checker math_verify needs the math_verify package: pip install math-verify")
     if cfg.compile == "on" and not static_decoding_supported():
         raise UsageError("--compile on needs transformers >= 5.4 (a StaticCache written in order); upgrade it or use "
                          "--compile off")
-    if world > 1 and cfg.bench:
-        raise UsageError("--bench times one process; run it without torchrun")
-    if world > 1 and not cfg.compare and cfg.prompts_per_step % world:
+    if not one_run:
+        return
+    if world > 1 and cfg.prompts_per_step % world:
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} does not split across {world} processes; "
                          f"make it a multiple of {world} (it is the batch of all processes together)")
-    if cfg.bench_shape and not cfg.bench:
-        raise UsageError("--bench-shape only applies to --bench N")
-    if cfg.bench_shape and (cfg.model or cfg.task != "arith"):
-        raise UsageError("--bench-shape builds its own model on few-shot addition prompts; drop --model / --task")
-    if cfg.bench:
-        if cfg.compare or cfg.resume:
-            raise UsageError("--bench times a few steps on its own; drop --compare / --resume")
-        return
-    if cfg.compare:
-        if cfg.resume:
-            raise UsageError("--compare resumes unfinished cells and skips finished ones by itself; drop --resume")
-        grid_cells(cfg)  # raises UsageError for a bad list
-        return
-    run_dir = run_folder(cfg)
-    has_checkpoint = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
-    if cfg.resume and not has_checkpoint:
-        raise UsageError(f"--resume: no checkpoint in {run_dir}; run once without --resume first")
-    if not cfg.resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, or delete the folder")
+    folder = RunFolder(cfg)
+    if cfg.resume and not os.path.exists(folder.checkpoint):
+        raise UsageError(f"--resume: no checkpoint in {folder.path}; run once without --resume first")
+    if not cfg.resume and os.path.exists(folder.metrics):
+        raise UsageError(f"{folder.path} already holds a run; pass --resume to continue it, or delete the folder")
 
 
 def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
@@ -1044,6 +1029,172 @@ def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
     precision = cfg.precision if cfg.precision != "auto" else (
         "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     return device, precision
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: Hugging Face models and tokenizers (--model, the built-in tokenizer), version shims, the
+# warm start and its cache, and the line that says where a run runs.
+# ----------------------------------------------------------------------------------------------
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_prompts: bool = False):
+    """Any HF causal LM and its tokenizer through `from_pretrained`, fp32 weights (the master copy).
+
+    Completions end at the tokenizer's EOS (the end-of-turn token of chat models such as Qwen2.5 or
+    SmolLM2 Instruct); pad = EOS when the tokenizer has no pad token. plain_prompts drops the chat
+    template, so prompts are fed as raw text.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        dtype_kwarg = "dtype" if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56) \
+            else "torch_dtype"  # renamed in transformers 4.56
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                     **{dtype_kwarg: torch.float32})
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--model {name_or_path}: could not load it ({first_line})") from None
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"--model {name_or_path}: its tokenizer has no EOS token, which ends completions")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # masks come from lengths, so pad == EOS is safe
+    if plain_prompts:
+        tokenizer.chat_template = None
+    return model, tokenizer
+
+
+
+
+def build_char_tokenizer(vocab_size: int = 0):
+    """A character-level tokenizer for the arithmetic task, as a real `PreTrainedTokenizerFast`;
+    vocab_size > 20 pads it with unused entries (to match a bigger model's vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # installed with transformers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for ch in "0123456789+-=#., ":
+        vocab[ch] = len(vocab)
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids per prompt: one user turn and the assistant header when the tokenizer has a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [tokenizer(p).input_ids for p in prompts]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]  # the template has its BOS
+
+
+def new_cache(model) -> dict:
+    """An empty KV cache as the keyword argument the model takes (`cache` in recent transformers,
+    `past_key_values` before); the model fills it in place, so later calls pass the same object."""
+    from transformers import DynamicCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with_config = "config" in inspect.signature(DynamicCache.__init__).parameters  # per-layer cache types
+    return {name: DynamicCache(config=model.config) if with_config else DynamicCache()}
+
+
+def last_logits_only(model, count: int = 1) -> dict:
+    """The keyword argument that limits the logits to the last `count` positions, as this model takes it
+    (`num_logits_to_keep` before transformers 4.50; none for a model without it: then all positions)."""
+    parameters = inspect.signature(model.forward).parameters
+    name = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
+    return {name: count} if name else {}
+
+
+def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int = 64, lr: float = 3e-3) -> None:
+    """Supervised fine-tuning on `prompt + answer + EOS`, the loss on answer tokens only (seed 0)."""
+    rng = random.Random(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in tqdm(range(steps), desc="warm start", leave=False):
+        batch = rng.sample(problems, batch_size) if len(problems) >= batch_size else rng.choices(problems, k=batch_size)
+        prompt_ids = encode_prompts(tokenizer, [p for p, _ in batch])
+        answer_ids = [tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for _, a in batch]
+        width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+            input_ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[row, len(p): len(p) + len(a)] = torch.tensor(a)
+        attention_mask = (labels != -100) | (torch.arange(width) < torch.tensor([len(p) for p in prompt_ids])[:, None])
+        loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                     labels=labels.to(device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def load_model(cfg: Config, train_problems, device, say_where_it_runs: bool = False):
+    """The policy at the start of RL (also the A*-PO reference), its tokenizer and where it came from:
+    --model (or the built-in model) after --warm-start-steps supervised steps, built once and cached in
+    --out. say_where_it_runs: print the run's first line once the model is loaded, before any warm start."""
+    loaded = print_where_it_runs if say_where_it_runs else lambda cfg, model, source: None
+    source, steps = cfg.model or "builtin-tiny-llama", cfg.warm_start_steps
+    cache_dir = warm_start_folder(cfg, source, steps)
+    if steps and os.path.isdir(cache_dir):
+        try:
+            model, tokenizer = load_pretrained(cache_dir, cfg.trust_remote_code, cfg.plain_prompts)
+        except Exception as error:  # cut short or edited by hand: say so, and leave it as it is
+            raise UsageError(f"the cached warm start {cache_dir} cannot be read ({str(error)[:300]}); delete "
+                             f"that folder and run again to rebuild it") from None
+        loaded(cfg, model, cache_dir)
+        return model, tokenizer, cache_dir
+    model, tokenizer = load_pretrained(cfg.model, cfg.trust_remote_code, cfg.plain_prompts) if cfg.model \
+        else builtin_model()
+    loaded(cfg, model, source)
+    if steps == 0:
+        return model, tokenizer, source
+    model.to(device)
+    started = time.time()
+    warm_start(model, tokenizer, train_problems, steps, device)
+    save_model_atomically(model, tokenizer, cache_dir)  # a half-written warm start is never picked up
+    tqdm.write(f"warm start: {steps} supervised steps in {time.time() - started:.0f}s, cached in {cache_dir}")
+    return model, tokenizer, cache_dir
+
+
+def warm_start_folder(cfg: Config, source: str, steps: int) -> str:
+    """Where the warm start of this model, task and step count is cached under --out."""
+    key = f"{os.path.abspath(cfg.model) if cfg.model else source}|{steps}"
+    if cfg.task != "arith":
+        key += f"|{cfg.task}|{os.path.abspath(cfg.data)}|{cfg.question_field}|{cfg.answer_field}"
+    if cfg.model and cfg.plain_prompts:
+        key += "|plain"
+    return os.path.join(cfg.out, f"warmstart_{hashlib.sha1(key.encode()).hexdigest()[:8]}")
+
+
+def save_model_atomically(model, tokenizer, folder: str) -> None:
+    """save_pretrained into folder.tmp, then rename: a half-written model is never picked up."""
+    tmp_dir = folder + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    model.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    os.replace(tmp_dir, folder)
+
+
+def print_where_it_runs(cfg: Config, model, source: str) -> None:
+    """A run's first line: where it runs, in what precision, on which model, decoding how; and, when
+    --device auto lands on the CPU of a machine with an NVIDIA driver, that torch cannot use its GPU."""
+    device, precision = device_and_precision(cfg)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    decoding = "compiled" if CompiledDecodeStep.wanted(cfg, device, say_why=False) else "eager"
+    tqdm.write(f"running on {name}, {precision}, {source} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+               f"parameters), {decoding} decoding")
+    if cfg.device == "auto" and device.type == "cpu" and nvidia_driver_present():
+        tqdm.write("an NVIDIA driver is installed but torch cannot use CUDA, so this runs on the CPU: compare "
+                   "python -c 'import torch; print(torch.cuda.is_available(), torch.version.cuda)' with the "
+                   "CUDA version nvidia-smi shows (--device cpu silences this)")
+
+
+def nvidia_driver_present() -> bool:
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1209,98 +1360,20 @@ def math_verify_reward(completion: str, answer: str) -> float:
     return float(verify(parse("$" + reference_answer(answer) + "$"), parse(completion)))
 
 
-CHECKERS = {"builtin": reward, "math_verify": math_verify_reward}  # --checker
+def math_reward(completion: str, answer: str) -> float:
+    """--checker math: 1.0 when the completion's final answer equals the reference answer after
+    normalisation (the final answer: after `####`, else in the last `\\boxed{}`, else the last number)."""
+    return float(answers_match(extract_answer(completion), answer))
+
+
+CHECKERS = {"arith": reward, "math": math_reward, "math_verify": math_verify_reward}  # --checker
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face models and version shims: --model, and the arguments that changed name across versions.
+# Faster drop-ins and memory: a compiled decode step on a static cache (--compile), one prompt pass per
+# group, bf16 autocast, micro-batches sized by measured activation memory, gradient checkpointing.
+# Each drop-in has the signature of the plain step in Part I, and a test shows both compute the same.
 # ----------------------------------------------------------------------------------------------
-def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_prompts: bool = False):
-    """Any HF causal LM and its tokenizer through `from_pretrained`, fp32 weights (the master copy).
-
-    Completions end at the tokenizer's EOS (the end-of-turn token of chat models such as Qwen2.5 or
-    SmolLM2 Instruct); pad = EOS when the tokenizer has no pad token. plain_prompts drops the chat
-    template, so prompts are fed as raw text.
-    """
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        dtype_kwarg = "dtype" if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56) \
-            else "torch_dtype"  # renamed in transformers 4.56
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                                     **{dtype_kwarg: torch.float32})
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--model {name_or_path}: could not load it ({first_line})") from None
-    if tokenizer.eos_token_id is None:
-        raise UsageError(f"--model {name_or_path}: its tokenizer has no EOS token, which ends completions")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # masks come from lengths, so pad == EOS is safe
-    if plain_prompts:
-        tokenizer.chat_template = None
-    return model, tokenizer
-
-
-def build_char_tokenizer(vocab_size: int = 0):
-    """A character-level tokenizer for the arithmetic task, as a real `PreTrainedTokenizerFast`;
-    vocab_size > 20 pads it with unused entries (to match a bigger model's vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # installed with transformers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
-    for ch in "0123456789+-=#., ":
-        vocab[ch] = len(vocab)
-    vocab.update({f"<unused{i}>": i for i in range(len(vocab), vocab_size)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>")
-
-
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids per prompt: one user turn and the assistant header when the tokenizer has a chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return [tokenizer(p).input_ids for p in prompts]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]  # the template has its BOS
-
-
-def new_cache(model) -> dict:
-    """An empty KV cache as the keyword argument the model takes (`cache` in recent transformers,
-    `past_key_values` before); the model fills it in place, so later calls pass the same object."""
-    from transformers import DynamicCache
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with_config = "config" in inspect.signature(DynamicCache.__init__).parameters  # per-layer cache types
-    return {name: DynamicCache(config=model.config) if with_config else DynamicCache()}
-
-
-def last_logits_only(model, count: int = 1) -> dict:
-    """The keyword argument that limits the logits to the last `count` positions, as this model takes it
-    (`num_logits_to_keep` before transformers 4.50; none for a model without it: then all positions)."""
-    parameters = inspect.signature(model.forward).parameters
-    name = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
-    return {name: count} if name else {}
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed and memory: bf16 autocast, compiled decoding on a static cache (--compile), one prompt pass per
-# group, micro-batches sized by measured activation memory, gradient checkpointing.
-# ----------------------------------------------------------------------------------------------
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the matmuls (weights, log-softmax and losses stay fp32), or a no-op for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # so that wall-clock timings include the queued GPU work
-
-
 LENGTH_BUCKET = 128  # --compile: cache lengths are rounded up to a multiple of this, so new batches reuse a graph
 
 
@@ -1313,135 +1386,112 @@ def static_decoding_supported() -> bool:
     return hasattr(StaticLayer(max_cache_len=1), "cumulative_length")
 
 
-class StaticDecoding:
-    """--compile: the decode step on a KV cache of fixed length (prompt width + max_new_tokens, rounded up
-    to LENGTH_BUCKET, reused across batches) with one attention mask for every step, so every step has
-    the same shapes and torch.compile captures the one-token forward once (a CUDA graph on a GPU)."""
-
-    def __init__(self, model, backend="inductor", mode: str | None = None, fall_back: bool = False):
-        self.model, self.caches, self.cuda_graphs = model, {}, mode == "reduce-overhead"
-        self.compiled = torch.compile(model, backend=backend, mode=mode, dynamic=False)
-        self.fall_back = fall_back  # --compile auto: on a failure, decode eagerly instead of stopping
-
-    def start(self, prompt_cache: dict, repeats: int, prompt_mask: torch.Tensor, max_new_tokens: int):
-        """The static cache holding each prompt's keys and values on its `repeats` rows, and the
-        attention mask of every decode step (the prompt's, then ones)."""
-        from transformers import StaticCache
-
-        (name, dynamic_cache), = prompt_cache.items()
-        rows, prompt_width = prompt_mask.shape
-        length = -(-(prompt_width + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
-        key = (rows, length, dynamic_cache.layers[0].keys.dtype)
-        if key not in self.caches:
-            self.caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
-        cache = self.caches[key]
-        cache.reset()
-        for layer_index, layer in enumerate(dynamic_cache.layers):  # writes slots 0 .. prompt_width - 1
-            cache.update(layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0),
-                         layer_index)
-        attention_mask = torch.ones(rows, length, dtype=torch.long, device=prompt_mask.device)
-        attention_mask[:, :prompt_width] = prompt_mask
-        return {name: cache}, attention_mask
-
-    def step(self, **inputs):
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
-        try:
-            return self.compiled(**inputs)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as error:  # compiling or capturing failed: no Triton, a cache that does not trace, ...
-            what = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            if not self.fall_back:
-                raise CompiledDecodingFailed(f"compiled decoding failed ({what[:200]}); use --compile auto or off")
-            self.model.static_decoding = None
-            tqdm.write(f"compiled decoding failed ({what[:200]}); this model decodes eagerly from now on "
-                       f"(--compile off silences this)")
-            raise FallBackToEager from None
-
-
 class CompiledDecodingFailed(Exception):
     """--compile on: the compiled decode step failed; the run stops with one line."""
 
 
-class FallBackToEager(Exception):
-    """--compile auto: the compiled decode step failed and turned itself off; sample again, eagerly."""
+class CompiledDecodeStep:
+    """--compile: the drop-in for `decode_step`, with its signature. It decodes on a KV cache of fixed
+    length (prompt width + max_new_tokens, rounded up to LENGTH_BUCKET, reused across batches) with one
+    attention mask for every step, so every step has the same shapes and torch.compile captures each
+    model's one-token forward once (a CUDA graph on a GPU). A rollout's first step copies the prompt's
+    keys and values from the plain cache. If the compiled step fails, under --compile auto that model
+    decodes with the plain step from then on (the rollout goes on where it was), under on the run stops."""
+
+    def __init__(self, max_new_tokens: int, backend="inductor", fall_back: bool = False):
+        self.max_new_tokens, self.backend, self.fall_back = max_new_tokens, backend, fall_back
+        self.compiled = {}   # id(model): its compiled forward, None once it fell back to the plain step
+        self.caches = {}     # (id(model), rows, length, dtype): a preallocated StaticCache
+        self.rollout = None  # the rollout being decoded: its plain cache (weakly), static cache, mask, steps
+
+    @staticmethod
+    def wanted(cfg: Config, device: torch.device, say_why: bool = True) -> bool:
+        """--compile on; or auto on CUDA for a --model run (the built-in model's 6-token completions never
+        repay a compile), when transformers has static caches written in order and Triton can be imported."""
+        if cfg.compile != "auto":
+            return cfg.compile == "on"
+        if device.type != "cuda" or not cfg.model:
+            return False
+        missing = ("transformers >= 5.4" if not static_decoding_supported() else
+                   "Triton" if importlib.util.find_spec("triton") is None else None)
+        if missing and say_why:
+            tqdm.write(f"decoding eagerly: compiled decoding needs {missing} (--compile off silences this)")
+        return missing is None
+
+    def compiles(self, model) -> bool:
+        """Whether `model` decodes compiled (it has not fallen back to the plain step)."""
+        return self.compiled.get(id(model), True) is not None
+
+    def __call__(self, model, cache: dict, token, attention_mask, position) -> torch.Tensor:
+        if not self.compiles(model):
+            return decode_step(model, cache, token, attention_mask, position)
+        (name, plain_cache), = cache.items()
+        if self.rollout is None or self.rollout["plain"]() is not plain_cache:  # a new rollout's first step
+            self.rollout = self.start(model, plain_cache, attention_mask)
+        if id(model) not in self.compiled:
+            mode = "reduce-overhead" if self.backend == "inductor" and token.device.type == "cuda" else None
+            self.compiled[id(model)] = torch.compile(model, backend=self.backend, mode=mode, dynamic=False)
+        rollout = self.rollout
+        try:
+            if self.backend == "inductor" and token.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
+            logits = self.compiled[id(model)](input_ids=token, attention_mask=rollout["mask"], position_ids=position,
+                                              use_cache=True, **{name: rollout["static"]}).logits[:, -1].float()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # compiling or capturing failed: no Triton, a cache that does not trace, ...
+            return self.fall_back_to_plain(model, plain_cache, error, (cache, token, attention_mask, position))
+        rollout["steps"] += 1
+        return logits
+
+    def start(self, model, plain_cache, attention_mask: torch.Tensor) -> dict:
+        """The static cache holding the prompt's keys and values (slots 0 .. prompt width - 1) and the
+        attention mask of every step: the prompt's, then ones (unwritten slots are masked as the future)."""
+        from transformers import StaticCache
+
+        rows, prompt_width = attention_mask.shape[0], plain_cache.get_seq_length()
+        length = -(-(prompt_width + self.max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
+        key = (id(model), rows, length, plain_cache.layers[0].keys.dtype)
+        if key not in self.caches:
+            self.caches[key] = StaticCache(config=model.config, max_cache_len=length)
+        static = self.caches[key]
+        static.reset()
+        for layer_index, layer in enumerate(plain_cache.layers):
+            static.update(layer.keys, layer.values, layer_index)
+        mask = torch.ones(rows, length, dtype=torch.long, device=attention_mask.device)
+        mask[:, :prompt_width] = attention_mask[:, :prompt_width]
+        return {"plain": weakref.ref(plain_cache), "static": static, "mask": mask, "width": prompt_width, "steps": 0}
+
+    def fall_back_to_plain(self, model, plain_cache, error: Exception, step_inputs: tuple) -> torch.Tensor:
+        """--compile auto: this model decodes with the plain step from now on; the keys and values of the
+        tokens decoded so far move to the plain cache, so this rollout goes on from where it was."""
+        what = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:200]
+        if not self.fall_back:
+            raise CompiledDecodingFailed(f"compiled decoding failed ({what}); use --compile auto or off")
+        tqdm.write(f"compiled decoding failed ({what}); this model decodes eagerly from now on "
+                   f"(--compile off silences this)")
+        self.compiled[id(model)] = None
+        decoded = slice(self.rollout["width"], self.rollout["width"] + self.rollout["steps"])
+        for layer_index, layer in enumerate(self.rollout["static"].layers):
+            plain_cache.update(layer.keys[:, :, decoded], layer.values[:, :, decoded], layer_index)
+        return decode_step(model, *step_inputs)
 
 
-def start_decoding(model, prompt_cache: dict, repeats: int, prompt_mask: torch.Tensor, max_new_tokens: int):
-    """The sampler's decode step after the prompt pass: a function (token, position), both (rows, 1), to
-    the next logits (rows, V) in fp32, which keeps the KV cache. Eagerly the cache grows by a column per
-    token; a model prepared by `enable_static_decoding` (--compile) decodes on its preallocated cache."""
-    static = getattr(model, "static_decoding", None)
-    if static is None:  # the cache grows by one column per token
-        next(iter(prompt_cache.values())).batch_repeat_interleave(repeats)
-        cache, attention_mask, forward = prompt_cache, prompt_mask.long(), model
-    else:               # a preallocated cache and one mask for every step: fixed shapes, one compiled graph
-        cache, attention_mask = static.start(prompt_cache, repeats, prompt_mask, max_new_tokens)
-        forward = static.step
-
-    def decode(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        nonlocal attention_mask
-        if static is None:
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        return forward(input_ids=token, attention_mask=attention_mask, position_ids=position, use_cache=True,
-                       **cache).logits[:, -1].float()
-
-    return decode
-
-
-def enable_static_decoding(model, backend="inductor", fall_back: bool = False) -> None:
-    """Make `sample_completions` decode with a static cache and a compiled step (--compile)."""
-    mode = "reduce-overhead" if backend == "inductor" and next(model.parameters()).device.type == "cuda" else None
-    model.static_decoding = StaticDecoding(model, backend, mode, fall_back)
-
-
-def decodes_compiled(model) -> bool:
-    return getattr(model, "static_decoding", None) is not None
-
-
-def compiled_decoding_wanted(cfg: Config, device: torch.device) -> bool:
-    """--compile on; or auto on CUDA for a --model run (the built-in model's 6-token completions never repay
-    a compile), when transformers has static caches written in order and Triton can be imported."""
-    if cfg.compile != "auto":
-        return cfg.compile == "on"
-    if device.type != "cuda" or not cfg.model:
-        return False
-    missing = ("transformers >= 5.4" if not static_decoding_supported() else
-               "Triton" if importlib.util.find_spec("triton") is None else None)
-    if missing:
-        tqdm.write(f"decoding eagerly: compiled decoding needs {missing} (--compile off silences this)")
-    return missing is None
-
-
-def compile_decoding_if_asked(cfg: Config, device: torch.device, models) -> None:
-    """Every model that samples decodes compiled when `compiled_decoding_wanted`; under auto a failure of
-    the compiled step makes that model decode eagerly, under on it stops the run."""
-    if compiled_decoding_wanted(cfg, device):
-        for model in models:
-            if model is not None:
-                enable_static_decoding(model, fall_back=cfg.compile == "auto")
-
-
-def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """Logits (N, T, V) at the positions that predict y_0 .. y_T-1, with the graph.
+def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """The drop-in for `completion_logits`, with its signature: the same logits (N, T, V), with the graph.
 
     Rows with the same prompt (a group: consecutive rows) share one forward pass over it, as in
     sampling: the prompt's KV cache is computed once per distinct prompt, indexed out to its rows
     (a differentiable gather, so gradients from every completion flow back through it), and the
     completions run on top. With G completions per prompt this removes (G - 1) / G of the prompt work.
-    Gradient checkpointing drops KV caches, so with it every row runs prompt and completion at once.
+    Gradient checkpointing drops KV caches, so with it (or nothing to share) the plain pass runs.
     """
     rows_with_prompt = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
     unique_rows, row_to_prompt = torch.unique_consecutive(rows_with_prompt, dim=0, return_inverse=True)
     checkpointing = any(getattr(module, "gradient_checkpointing", False) is True and module.training
                         for module in model.modules())
-    if len(unique_rows) == len(prompt_ids) or checkpointing:  # nothing to share: one pass, y_T-1 never an input
-        mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
-        logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1), attention_mask=mask.long(),
-                       position_ids=position_ids(mask), **last_logits_only(model, completion_ids.shape[1])).logits
-        width = completion_ids.shape[1]  # slice only when needed: a slice's backward zero-fills
-        return logits[:, -width:] if logits.shape[1] > width else logits
+    if len(unique_rows) == len(prompt_ids) or checkpointing:
+        return completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     unique_ids, unique_mask = unique_rows.split(prompt_ids.shape[1], dim=1)
     unique_mask = unique_mask.bool()
     cache = new_cache(model)
@@ -1457,41 +1507,9 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     return torch.cat([first_logits, out.logits], dim=1)
 
 
-def micro_batches(rollout: Rollout, micro_batch: int) -> list[slice]:
-    """Row slices of at most micro_batch rows (0: one slice with every row)."""
-    rows = rollout.completion_ids.shape[0]
-    size = micro_batch if 0 < micro_batch < rows else rows
-    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
-
-
-def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micro_batch: int, loss_of,
-                              precision: str = "fp32"):
-    """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
-
-    Every loss here is a mean over completions of a per-completion term (the advantages depend on the
-    rewards alone; centred's also on its group's log-ratios, so it takes micro-batches of whole
-    groups), so the full-batch gradient is the sum, over micro-batches, of the gradient of the
-    full-batch loss in which only that micro-batch's rows carry the graph (the other rows enter as
-    constants). No rescaling is needed and only one micro-batch's activations are alive at a time.
-    `policy` may be DistributedDataParallel(LogprobsForDDP(model)) (torchrun): the gradients then
-    accumulate locally and the last micro-batch's backward averages them across processes.
-    Returns the full-batch (loss, diagnostics) and the detached (policy_logp, entropy), both (N, T).
-    """
-    device = rollout.completion_ids.device
-    policy_logp, entropy = torch.zeros_like(rollout.behavior_logp), torch.zeros_like(rollout.behavior_logp)
-    under_ddp = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
-    logprobs_of = policy if under_ddp else functools.partial(completion_logprobs, policy)
-    parts = micro_batches(rollout, micro_batch)
-    for index, part in enumerate(parts):
-        with policy.no_sync() if under_ddp and index < len(parts) - 1 else contextlib.nullcontext():
-            with autocast(device, precision):
-                part_logp, entropy[part] = logprobs_of(rollout.rows(part), temperature)
-            with_graph = torch.cat([policy_logp[:part.start], part_logp, policy_logp[part.stop:]])
-            loss, _ = loss_of(with_graph)
-            loss.backward()
-        policy_logp[part] = part_logp.detach()
-    loss, diagnostics = loss_of(policy_logp)
-    return loss, diagnostics, policy_logp, entropy
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the matmuls (weights, log-softmax and losses stay fp32), or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def activation_bytes_per_token(model, precision: str) -> float:
@@ -1570,479 +1588,149 @@ def peak_memory(device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Run files and resume: one folder per setting, metrics appended, checkpoints and warm starts written
-# atomically (write, then rename), so an interrupted run resumes where it stopped.
+# Run files and resume: one folder per setting, metrics and samples appended, checkpoints and warm
+# starts written atomically (write, then rename), so an interrupted run resumes where it stopped.
 # ----------------------------------------------------------------------------------------------
-GRID_FLAGS = ("compare", "preset", "losses", "lags", "seeds", "beta_values", "shifts", "betas", "warm_starts")
+SAMPLES_PER_EVALUATION = 4  # completions appended to samples.jsonl at each evaluation
+NOT_THE_SETTING = ("steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "compile")
 
 
 def run_folder(cfg: Config) -> str:
-    """One folder per setting: the budget (steps, eval cadence), device, memory savers and resume are not part of it."""
-    budget = {"steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "compile", "bench",
-              "bench_shape", *GRID_FLAGS}
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in budget}
+    """One folder per setting: the budget (steps, eval cadence), device, memory savers and resume are not part
+    of it, nor any flag an experiment adds to Config."""
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config) if f.name not in NOT_THE_SETTING}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
 
 
-def warm_start_folder(cfg: Config, source: str, steps: int) -> str:
-    """Where the warm start of this model, task and step count is cached under --out."""
-    key = f"{os.path.abspath(cfg.model) if cfg.model else source}|{steps}"
-    if cfg.task != "arith":
-        key += f"|{cfg.task}|{os.path.abspath(cfg.data)}|{cfg.question_field}|{cfg.answer_field}"
-    if cfg.model and cfg.plain_prompts:
-        key += "|plain"
-    return os.path.join(cfg.out, f"warmstart_{hashlib.sha1(key.encode()).hexdigest()[:8]}")
+class RunFolder:
+    """A run's folder and its files: config.json (the flags as resolved, where it ran), metrics.jsonl (a
+    line per step), samples.jsonl (a few completions per evaluation), checkpoint.pt (each evaluation),
+    curves.png and summary.json. The first process writes them; every process reads the checkpoint."""
+
+    def __init__(self, cfg: Config):
+        self.path = run_folder(cfg)
+        self.checkpoint, self.metrics, self.samples = (os.path.join(self.path, name) for name in
+                                                       ("checkpoint.pt", "metrics.jsonl", "samples.jsonl"))
+
+    def write_start(self, run: Run) -> None:
+        """The folder, config.json, the warm start's accuracy as metrics.jsonl's step 0, the step-0 checkpoint."""
+        os.makedirs(self.path, exist_ok=True)
+        write_atomically(os.path.join(self.path, "config.json"), json.dumps(
+            {**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
+             "resolved_precision": run.models.precision, "processes": run.processes.world, **where_it_runs(run)},
+            indent=1))
+        append_line(self.metrics, {"step": 0, "eval_accuracy": run.evals[0]})
+        self.save_checkpoint(run, 0)
+
+    def save_checkpoint(self, run: Run, step: int) -> None:
+        """What a resumed run needs to go on as if it had never stopped (not the reference: it is the warm start).
+        Written then renamed, so a crash mid-write never replaces the last good checkpoint."""
+        models = run.models
+        torch.save({"step": step, "policy": models.policy.state_dict(), "generator": models.generator.state_dict(),
+                    "optimizer": models.optimizer.state_dict(), "prompt_rng": run.prompt_rng.getstate(),
+                    "ref_values": run.ref_values, "totals": run.totals}, self.checkpoint + ".tmp")
+        os.replace(self.checkpoint + ".tmp", self.checkpoint)
+
+    def resume(self, run: Run) -> int:
+        """--resume: every process loads the last checkpoint; the first drops the lines written after it.
+        A checkpoint that cannot be read stops the run with one line, its files as they were."""
+        try:
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+            run.models.policy.load_state_dict(state["policy"])
+            run.models.generator.load_state_dict(state["generator"])
+            run.models.optimizer.load_state_dict(state["optimizer"])
+        except Exception as error:  # cut short, damaged, or another model's
+            raise UsageError(f"--resume: {self.checkpoint} cannot be read ({type(error).__name__}: "
+                             f"{str(error)[:200]}); delete {self.path} to start the run again") from None
+        run.prompt_rng.setstate(state["prompt_rng"])
+        run.ref_values, run.totals = state["ref_values"], state["totals"]
+        if run.processes.writes:
+            for path in (self.metrics, self.samples):
+                drop_lines_after(path, state["step"])
+            tqdm.write(f"resuming {self.path} at step {state['step']}")
+            run.evals = [m["eval_accuracy"] for m in read_lines(self.metrics) if "eval_accuracy" in m]
+        return state["step"]
+
+    def append_metrics(self, record: dict) -> None:
+        append_line(self.metrics, record)
+
+    def append_samples(self, tokenizer, prompts: list[tuple[str, str]], result: StepResult, step: int) -> None:
+        """A few of the step's completions, scored, to samples.jsonl, and the first one printed."""
+        samples = samples_of(tokenizer, prompts, result, step)
+        for sample in samples:
+            append_line(self.samples, sample)
+        shown = samples[0]
+        tqdm.write(f"step {step} sample: {shown['prompt'][-80:]!r} -> {shown['completion'][:240]!r}, reward "
+                   f"{shown['reward']:g} (answer {shown['answer'][-40:]!r}); more in {self.samples}")
+
+    def draw_curves(self, loss: str) -> None:
+        draw_curves(self.path, loss)
+
+    def write_summary(self, run: Run) -> dict:
+        """summary.json: accuracy before and after RL, how long it took, the KL to the generator at the end
+        of each stale cycle (the last step before a refresh, and the last step), mass leakage at the end."""
+        cfg, totals = run.cfg, run.totals
+        steps = [m for m in read_lines(self.metrics) if "loss" in m]
+        cycle_ends = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
+        curves = os.path.join(self.path, "curves.png")
+        summary = {"run": self.path, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
+                   "warm_start_accuracy": run.evals[0], "final_accuracy": run.evals[-1],
+                   "best_accuracy": max(run.evals), "minutes": totals["seconds"] / 60,
+                   "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9),
+                   "kl_at_cycle_ends": cycle_ends,
+                   "final_mass_leakage": mean([m["mass_leakage"] for m in steps[-10:]]),
+                   "curves": curves if os.path.exists(curves) else None}
+        write_atomically(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=1))
+        return summary
 
 
-def save_model_atomically(model, tokenizer, folder: str) -> None:
-    """save_pretrained into folder.tmp, then rename: a half-written model is never picked up."""
-    tmp_dir = folder + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(tmp_dir)
-    tokenizer.save_pretrained(tmp_dir)
-    os.replace(tmp_dir, folder)
-
-
-def checkpoint_path(run: Run) -> str:
-    return os.path.join(run.folder, "checkpoint.pt")
-
-
-def metrics_path(run: Run) -> str:
-    return os.path.join(run.folder, "metrics.jsonl")
-
-
-def save_run_checkpoint(run: Run, step: int) -> None:
-    """What a resumed run needs to continue as if it had never stopped (not the reference: it is the warm start)."""
-    models = run.models
-    save_checkpoint(checkpoint_path(run), {
-        "step": step, "policy": models.policy.state_dict(), "generator": models.generator.state_dict(),
-        "optimizer": models.optimizer.state_dict(), "prompt_rng": run.prompt_rng.getstate(),
-        "ref_values": run.ref_values, "totals": run.totals})
+def samples_of(tokenizer, prompts: list[tuple[str, str]], result: StepResult, step: int,
+               count: int = SAMPLES_PER_EVALUATION) -> list[dict]:
+    """What the model writes: the first completion of each of the batch's first `count` prompts, scored."""
+    group_size = result.rewards.shape[1]
+    texts = completion_texts(tokenizer, result.rollout.rows(slice(0, count * group_size, group_size)))
+    return [{"step": step, "prompt": prompt, "completion": text, "reward": result.rewards[i, 0].item(),
+             "answer": answer} for i, ((prompt, answer), text) in enumerate(zip(prompts, texts))]
 
 
 def where_it_runs(run: Run) -> dict:
     """The device by name, the policy's parameter count, and each model's decoding (config.json has them)."""
-    device = run.device
+    device, step = run.device, run.models.decode_step
     name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"CPU ({torch.get_num_threads()} threads)")
     models = (("generator", run.models.generator), ("policy", run.models.policy), ("reference", run.models.reference))
     return {"device_name": name, "parameters": sum(p.numel() for p in run.models.policy.parameters()),
-            "decoding": {role: "compiled" if decodes_compiled(model) else "eager" for role, model in models
-                         if model is not None}}
+            "decoding": {role: "compiled" if isinstance(step, CompiledDecodeStep) and step.compiles(model) else "eager"
+                         for role, model in models if model is not None}}
 
 
-def say_where_it_runs(run: Run) -> None:
-    """Rank 0's first line: where the run runs, in what precision, on which model, decoding how; and, when
-    --device auto lands on the CPU of a machine with an NVIDIA driver, that torch cannot use its GPU."""
-    if not run.process.writes:
-        return
-    facts = where_it_runs(run)
-    decoding = "compiled" if "compiled" in facts["decoding"].values() else "eager"
-    tqdm.write(f"running on {facts['device_name']}, {run.models.precision}, {run.source} "
-               f"({facts['parameters'] / 1e6:.2f}M parameters), {decoding} decoding")
-    if run.cfg.device == "auto" and run.device.type == "cpu" and nvidia_driver_present():
-        tqdm.write("an NVIDIA driver is installed but torch cannot use CUDA, so this runs on the CPU: compare "
-                   "python -c 'import torch; print(torch.cuda.is_available(), torch.version.cuda)' with the "
-                   "CUDA version nvidia-smi shows (--device cpu silences this)")
-
-
-def nvidia_driver_present() -> bool:
-    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
-
-
-def write_run_start(run: Run) -> None:
-    """Rank 0: the run's folder, config.json (the flags and what they resolved to), the warm start's
-    accuracy as metrics.jsonl's step 0, and the step-0 checkpoint."""
-    if not run.process.writes:
-        return
-    os.makedirs(run.folder, exist_ok=True)
-    with open(os.path.join(run.folder, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
-                   "resolved_precision": run.models.precision, "processes": run.process.world, **where_it_runs(run)},
-                  f, indent=1)
-    append_metrics(metrics_path(run), {"step": 0, "eval_accuracy": run.evals[0]})
-    save_run_checkpoint(run, 0)
-
-
-def resume_run(run: Run) -> int:
-    """--resume: every process loads the last checkpoint; rank 0 drops the metrics lines written after
-    it. Returns the checkpoint's step."""
-    state = torch.load(checkpoint_path(run), map_location="cpu", weights_only=False)
-    run.models.policy.load_state_dict(state["policy"])
-    run.models.generator.load_state_dict(state["generator"])
-    run.models.optimizer.load_state_dict(state["optimizer"])
-    run.prompt_rng.setstate(state["prompt_rng"])
-    run.ref_values, run.totals = state["ref_values"], state["totals"]
-    if run.process.writes:
-        drop_metrics_after(metrics_path(run), state["step"])
-        tqdm.write(f"resuming {run.folder} at step {state['step']}")
-        run.evals = [m["eval_accuracy"] for m in read_metrics(metrics_path(run)) if "eval_accuracy" in m]
-    return state["step"]
-
-
-def write_summary(run: Run) -> dict:
-    """summary.json: accuracy before and after RL, how long it took, the KL to the generator at the end of
-    each stale cycle (the last step before a refresh, and the last step), mass leakage at the end, the curves."""
-    cfg, totals = run.cfg, run.totals
-    steps = [m for m in read_metrics(metrics_path(run)) if "loss" in m]
-    cycle_ends = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
-    curves = os.path.join(run.folder, "curves.png")
-    summary = {"run": run.folder, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
-               "warm_start_accuracy": run.evals[0], "final_accuracy": run.evals[-1], "best_accuracy": max(run.evals),
-               "minutes": totals["seconds"] / 60,
-               "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9),
-               "kl_at_cycle_ends": cycle_ends,
-               "final_mass_leakage": mean([m["mass_leakage"] for m in steps[-10:]]),
-               "curves": curves if os.path.exists(curves) else None}
-    with open(os.path.join(run.folder, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write then rename, so a crash mid-write never replaces the last good checkpoint."""
-    torch.save(state, path + ".tmp")
+def write_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text + "\n")
     os.replace(path + ".tmp", path)
 
 
-def append_metrics(path: str, record: dict) -> None:
+def append_line(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_lines(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def drop_metrics_after(path: str, step: int) -> None:
+def drop_lines_after(path: str, step: int) -> None:
     """Resume: the lines of steps after the checkpoint's are dropped (rewritten, then renamed)."""
-    kept = [m for m in read_metrics(path) if m["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in kept)
-    os.replace(path + ".tmp", path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Several processes (torchrun): each trains on its share of every batch, DDP averages the gradients,
-# rank 0 gathers the batch for the metrics and writes every file.
-# ----------------------------------------------------------------------------------------------
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)  # a warm start or a grid's slowest cell can take hours
-
-
-@dataclass(frozen=True)
-class TorchrunProcess:
-    """This process's place among the processes torchrun started; for a lone process (TorchrunProcess())
-    every method below leaves things as they are."""
-    rank: int = 0         # this process among `world` (torchrun's RANK)
-    world: int = 1        # processes that share each batch (WORLD_SIZE)
-    local_rank: int = 0   # its GPU on its machine (LOCAL_RANK)
-    quiet: bool = False   # no progress bar (the grid's cells on ranks other than 0)
-
-    @property
-    def writes(self) -> bool:
-        """Rank 0 writes every file and prints; the others only compute."""
-        return self.rank == 0
-
-    def share(self, prompts: list, noise: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """This process's contiguous share of a step's prompts (a multiple of world) and their rows of the
-        step's noise (G per prompt): the same draws as one process, so the step samples the same completions."""
-        size = len(prompts) // self.world
-        mine = slice(self.rank * size, (self.rank + 1) * size)
-        return prompts[mine], noise.view(len(prompts), -1, noise.shape[-1])[mine].flatten(0, 1)
-
-    def whole_batch(self, cfg: Config, result: StepResult, pad_id: int) -> StepResult | None:
-        """The step as one process would see it: every share gathered on rank 0 (None on the others)."""
-        return result if self.world == 1 else gather_step(cfg, result, self, pad_id)
-
-    def batch_starts(self, count: int, batch_size: int) -> range:
-        """Where this process's evaluation batches start: every world-th batch of one process's."""
-        return range(self.rank * batch_size, count, self.world * batch_size)
-
-    def total(self, value: float, device: torch.device) -> float:
-        """The sum of `value` over the processes."""
-        if self.world == 1:
-            return value
-        total = torch.tensor(value, device=device)
-        dist.all_reduce(total)
-        return total.item()
-
-    @contextlib.contextmanager
-    def rank_zero_first(self):
-        """Rank 0 runs the block (say, builds and caches the warm start), then the others do (and find it)."""
-        if self.rank != 0:
-            dist.barrier()
-        yield
-        if self.rank == 0 and self.world > 1:
-            dist.barrier()
-
-
-def torchrun_process() -> TorchrunProcess:
-    """This process's place as torchrun's environment gives it; a lone process without torchrun."""
-    return TorchrunProcess(*(int(os.environ.get(name, default)) for name, default in
-                             (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
-
-
-def join_processes(process: TorchrunProcess, device: torch.device, backend: str) -> None:
-    """Join torchrun's process group (NCCL between GPUs, gloo otherwise); on CUDA a process's GPU is its
-    local rank (a CPU run never touches the GPUs, however many torch sees)."""
-    if process.world == 1 or dist.is_initialized():
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(process.local_rank)
-    dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
-
-
-def check_config_on_every_process(cfg: Config, process: TorchrunProcess) -> None:
-    """check_config; under torchrun every process then joins the process group and they share what
-    they found, so a bad setting stops them all and rank 0 reports it (torchrun stops the other
-    processes as soon as one exits, so each must know before any leaves)."""
-    if process.world == 1:
-        return check_config(cfg)
-    try:
-        check_config(cfg, process.world)
-        error = None
-    except UsageError as found:
-        error = str(found)
-    device = device_and_precision(cfg)[0]  # a grid's processes only wait for each other: gloo
-    join_processes(process, device, "nccl" if device.type == "cuda" and not cfg.compare else "gloo")
-    errors = [None] * process.world
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        raise UsageError(next(e for e in errors if e))
-
-
-def stack_rows(tensors: list[torch.Tensor], value=0, left: bool = False) -> torch.Tensor:
-    """Blocks of rows with different widths as one tensor, padded with `value` on the right (or left)."""
-    width = max(t.shape[1] for t in tensors)
-    return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value)
-                      for t in tensors])
-
-
-def gather_step(cfg: Config, result: StepResult, process: TorchrunProcess, pad_id: int) -> StepResult | None:
-    """Every process's share of a step, on rank 0, as the StepResult of the global batch (rows in rank
-    order, as one process orders them; padded to the widest share), its loss and diagnostics computed
-    again on it and the slowest process's timings, so its metrics read as a one-process run's. None
-    on the other ranks."""
-    to_cpu = lambda tensor: None if tensor is None else tensor.cpu()  # noqa: E731
-    local = (result.rollout.apply(to_cpu), *map(to_cpu, (result.rewards, result.policy_logp, result.entropy,
-                                                          result.ref_logp, result.ref_value)), result.seconds)
-    shares = [None] * process.world if process.rank == 0 else None
-    dist.gather_object(local, shares, dst=0)
-    if process.rank != 0:
-        return None
-    rollouts, rewards, policy_logps, entropies, ref_logps, ref_values, seconds = zip(*shares)
-    each = lambda name: [getattr(rollout, name) for rollout in rollouts]  # noqa: E731  (a field of every share)
-    rollout = Rollout(stack_rows(each("prompt_ids"), pad_id, left=True), stack_rows(each("prompt_mask"), left=True),
-                      stack_rows(each("completion_ids"), pad_id), stack_rows(each("completion_mask")),
-                      stack_rows(each("behavior_logp")), torch.cat(each("truncated")), result.rollout.staleness)
-    rewards, policy_logp = torch.cat(rewards), stack_rows(policy_logps)
-    ref_logp, ref_value = (None, None) if result.ref_logp is None else (stack_rows(ref_logps), torch.cat(ref_values))
-    with torch.no_grad():
-        loss, diagnostics = compute_loss(cfg, policy_logp, rollout, rewards, ref_logp, ref_value)
-    return StepResult(rollout, rewards, loss, diagnostics, policy_logp, stack_rows(entropies), result.grad_norm.cpu(),
-                      result.micro_batch, {key: max(s[key] for s in seconds) for key in result.seconds},
-                      ref_logp, ref_value)
-
-
-class LogprobsForDDP(torch.nn.Module):
-    """`completion_logprobs(policy, ...)` as one module call: the unit DistributedDataParallel wraps
-    under torchrun (the prompt and completion passes of a micro-batch are one forward for it)."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, rollout: Rollout, temperature: float):
-        return completion_logprobs(self.policy, rollout, temperature)
-
-
-def logprobs_for_ddp(policy, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel(LogprobsForDDP(policy)): its backward averages the gradients of the processes."""
-    return torch.nn.parallel.DistributedDataParallel(
-        LogprobsForDDP(policy), device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Comparison grid: the same budget for every (loss, lag, seed[, beta_v | shift]) cell, one run folder
-# each; a finished cell is never rerun, an interrupted one resumes. Then the table and the plots.
-# ----------------------------------------------------------------------------------------------
-PRESETS = {
-    "lags": {"losses": "ppo,tis,pmd,oapl,shifted", "lags": "1,16,64,256", "seeds": "1,2,3", "steps": 300},
-    "regimes": {"losses": "oapl,shifted", "lags": "64", "seeds": "1,2", "beta_values": "0.05,0.1,0.3",
-                "shifts": "0.25,1,3", "steps": 300},
-    "mechanism": {"losses": "shifted,oapl,centred", "lags": "64,256", "seeds": "1,2,3", "beta_values": "0.2,0.3",
-                  "shifts": "-2,-1,-0.5,-0.25,0,0.25,1", "steps": 300},
-    "strong-start": {"losses": "ppo,tis,pmd,oapl,shifted", "lags": "1,64", "seeds": "1,2,3",
-                     "warm_starts": str(STRONG_WARM_START_STEPS), "steps": 300},
-    # warm starts of 350 / 450 / 525 / 600 / 900 steps: 0.110 / 0.240 / 0.415 / 0.635 / 0.915 greedy accuracy
-    "start-accuracy": {"losses": "ppo,pmd,oapl,shifted", "lags": "1,64", "seeds": "1,2,3", "beta_values": "0.2",
-                       "shifts": "1", "warm_starts": "350,450,525,600,900", "steps": 300},
-}
-
-
-def parse_list(text: str, kind, flag_name: str) -> list:
-    try:
-        values = [kind(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise UsageError(f"--{flag_name} must be a comma-separated list of {kind.__name__}, got {text!r}") from None
-    if not values:
-        raise UsageError(f"--{flag_name} is empty")
-    return values
-
-
-def grid_cells(cfg: Config) -> list[Config]:
-    """One Config per cell; oapl/apo cells vary beta_v, shifted cells vary the shift."""
-    if cfg.preset:
-        cfg = dataclasses.replace(cfg, **PRESETS[cfg.preset])
-    losses = parse_list(cfg.losses, str, "losses")
-    unknown = sorted(set(losses) - set(LOSSES))
-    if unknown:
-        raise UsageError(f"--losses: unknown {', '.join(unknown)}; choose from {', '.join(LOSSES)}")
-    lags, seeds = parse_list(cfg.lags, int, "lags"), parse_list(cfg.seeds, int, "seeds")
-    if min(lags) < 1:
-        raise UsageError(f"--lags must all be at least 1, got {cfg.lags}")
-    beta_values = parse_list(cfg.beta_values, float, "beta-values") if cfg.beta_values else [cfg.beta_value]
-    shifts = parse_list(cfg.shifts, float, "shifts") if cfg.shifts else [cfg.shift]
-    betas = parse_list(cfg.betas, float, "betas") if cfg.betas else [cfg.beta]
-    warm_starts = parse_list(cfg.warm_starts, int, "warm-starts") if cfg.warm_starts else [cfg.warm_start_steps]
-    if min(beta_values) <= 0 or min(betas) <= 0:
-        raise UsageError(f"--beta-values and --betas must all be positive, got {cfg.beta_values!r}, {cfg.betas!r}")
-    if min(warm_starts) < -1:
-        raise UsageError(f"--warm-starts must all be at least -1, got {cfg.warm_starts}")
-    cells = []
-    for warm_start_steps in warm_starts:
-        for beta in betas:
-            for loss in losses:
-                for lag in lags:
-                    variants = ([{"beta_value": v} for v in beta_values] if loss in ("oapl", "apo") else
-                                [{"shift": v} for v in shifts] if loss == "shifted" else [{}])
-                    for variant in variants:
-                        for seed in seeds:
-                            cells.append(dataclasses.replace(
-                                cfg, compare=False, preset="", loss=loss, lag=lag, seed=seed, beta=beta,
-                                warm_start_steps=warm_start_steps, **variant))
-    return cells
-
-
-def cell_label(cell: Config) -> str:
-    """The table's row name: the loss, its swept parameter, and beta / warm start when those are swept."""
-    extra = f" beta_v={cell.beta_value:g}" if cell.loss in ("oapl", "apo") else (
-        f" shift={cell.shift:g}" if cell.loss == "shifted" else "")
-    extra += f" beta={cell.beta:g}" if cell.betas else ""
-    extra += f" warm={cell.warm_start_steps}" if cell.warm_starts else ""
-    return f"{cell.loss}{extra}"
-
-
-def run_grid(cfg: Config, process: TorchrunProcess = TorchrunProcess()) -> list[dict] | None:
-    """Run every unfinished cell in turn, then write compare.md / compare.csv (and plots) under --out.
-    Under torchrun, process r runs cells r, r + world, ... as one-process runs (on its own GPU), and
-    rank 0 writes the tables when every process is done (the others return None)."""
-    cells = grid_cells(cfg)
-    problems = load_task(cfg)  # the same data for every cell
-    if process.world > 1:  # each warm start is built once, by rank 0, before any cell loads it
-        if process.rank == 0:
-            for cell in {cell.warm_start_steps: cell for cell in cells}.values():
-                load_model(cell, problems[0], device_and_precision(cell)[0])
-        dist.barrier()
-    cell_process = TorchrunProcess(quiet=process.rank != 0)  # a cell is a one-process run (on this process's GPU)
-    for cell in tqdm(cells[process.rank::process.world], desc="grid", dynamic_ncols=True, disable=process.rank != 0):
-        folder = run_folder(cell)
-        summary_path = os.path.join(folder, "summary.json")
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                if json.load(f)["steps"] >= cell.steps:
-                    continue  # finished: never rerun
-        resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
-        torch._dynamo.reset()  # --compile: drop the previous cell's compiled decode steps (and their models)
-        train(dataclasses.replace(cell, resume=resume), problems, cell_process)
-    if process.world > 1:
-        dist.barrier()
-    if process.rank != 0:
-        return None
-    runs = grouped_runs(cells)
-    rows = grid_table(runs)
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "compare.md"), "w") as f:
-        f.write(format_grid_table(rows) + "\n")
-    with open(os.path.join(cfg.out, "compare.csv"), "w") as f:
-        f.write(",".join(rows[0]) + "\n")
-        f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
-    plot_grid(runs, cfg.out)
-    plot_mechanism(runs, cfg.out)
-    if len({cell.warm_start_steps for cell in cells}) > 1:
-        start_rows = start_sweep_rows(cells)
-        with open(os.path.join(cfg.out, "start_sweep.md"), "w") as f:
-            f.write(format_start_sweep(start_rows) + "\n")
-        plot_start_sweep(start_rows, cfg.out)
-        tqdm.write(f"gain against the start accuracy: {os.path.join(cfg.out, 'start_sweep.md')}")
-    return rows
-
-
-def grouped_runs(cells: list[Config]) -> dict[tuple, list[tuple[list[dict], dict]]]:
-    """{(loss label, lag): [(metrics lines, summary) per seed]}, each cell's files read once."""
-    runs: dict[tuple, list] = {}
-    for cell in cells:
-        folder = run_folder(cell)
-        with open(os.path.join(folder, "summary.json")) as f:
-            summary = json.load(f)
-        runs.setdefault((cell_label(cell), cell.lag), []).append(
-            (read_metrics(os.path.join(folder, "metrics.jsonl")), summary))
-    return runs
+    if os.path.exists(path):
+        write_atomically(path, "".join(json.dumps(m) + "\n" for m in read_lines(path) if m["step"] <= step).rstrip("\n"))
 
 
 def mean(values) -> float:
     """Mean of the values that are not None or NaN (NaN when none are): averages over steps and seeds."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     return sum(values) / len(values) if values else float("nan")
-
-
-def std(values) -> float:
-    """Population standard deviation of the values that are not None or NaN: the spread over seeds."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    centre = mean(values)
-    return math.sqrt(mean([(v - centre) ** 2 for v in values]))
-
-
-def grid_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict]:
-    """One row per (loss variant, lag): means over seeds of each cell's own metrics."""
-
-    def over_steps(key, metrics, last=None):
-        steps = [m[key] for m in metrics if key in m and "loss" in m]
-        return mean(steps[-last:] if last else steps) if steps else None
-
-    rows = []
-    for (label, lag), cell_runs in grouped.items():
-        runs = [metrics for metrics, _ in cell_runs]
-        finals = [[m["eval_accuracy"] for m in run if "eval_accuracy" in m][-1] for run in runs]
-        bests = [max(m["eval_accuracy"] for m in run if "eval_accuracy" in m) for run in runs]
-        rows.append({
-            "loss": label, "lag": lag, "seeds": len(runs), "final_accuracy": mean(finals),
-            "final_accuracy_std": std(finals),
-            "best_accuracy": mean(bests), "warm_start_accuracy": mean([run[0]["eval_accuracy"] for run in runs]),
-            "final_entropy": mean([over_steps("entropy", run, last=10) for run in runs]),
-            **{key: mean([over_steps(key, run) for run in runs])
-               for key in ("regime_positive", "regime_boundary", "regime_negative", "clip_fraction",
-                           "mass_leakage", "advantage_mean")},
-            "ratio_max": max((m["ratio_max"] for run in runs for m in run if "ratio_max" in m), default=float("nan")),
-            "minutes": mean([summary["minutes"] for _, summary in cell_runs]),
-        })
-    return rows
-
-
-def format_grid_table(rows: list[dict]) -> str:
-    dash_if_nan = lambda value, spec: "-" if math.isnan(value) else format(value, spec)  # noqa: E731
-    lines = ["| loss | lag | final accuracy (mean +- std) | best | final entropy | c>0 / c=0 / c<0 | "
-             "clip fraction | max ratio | mass leakage | mean advantage | minutes |", "|" + "---|" * 11]
-    for r in rows:
-        regime = ("-" if math.isnan(r["regime_positive"]) else
-                  f"{r['regime_positive']:.2f} / {r['regime_boundary']:.2f} / {r['regime_negative']:.2f}")
-        lines.append(f"| {r['loss']} | {r['lag']} | {r['final_accuracy']:.3f} +- {r['final_accuracy_std']:.3f} "
-                     f"({r['seeds']}) | {r['best_accuracy']:.3f} | {r['final_entropy']:.3f} | {regime} | "
-                     f"{dash_if_nan(r['clip_fraction'], '.3f')} | {dash_if_nan(r['ratio_max'], '.2f')} | "
-                     f"{r['mass_leakage']:.3f} | {r['advantage_mean']:+.3f} | {r['minutes']:.2f} |")
-    return "\n".join(lines)
 
 
 def pyplot(say_if_missing: bool = True):
@@ -2066,7 +1754,7 @@ def draw_curves(folder: str, loss: str) -> None:
     plt = pyplot(say_if_missing=False)  # the run's summary says how to get them
     if plt is None:
         return
-    metrics = read_metrics(os.path.join(folder, "metrics.jsonl"))
+    metrics = read_lines(os.path.join(folder, "metrics.jsonl"))
     steps = [m for m in metrics if "loss" in m]
 
     def series(key, lines=steps):  # (steps, values) of the lines that have the key
@@ -2090,279 +1778,118 @@ def draw_curves(folder: str, loss: str) -> None:
         axis.set_xlabel("step")
         axis.legend(fontsize=7, loc="center right")  # a fixed place: "best" searches every point
     figure.tight_layout()
-    figure.savefig(os.path.join(folder, "curves.png.tmp.png"), dpi=100)
+    figure.savefig(os.path.join(folder, "curves.png.tmp.png"), dpi=100)  # written, then renamed
     plt.close(figure)
     os.replace(os.path.join(folder, "curves.png.tmp.png"), os.path.join(folder, "curves.png"))
 
 
-def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> None:
-    """accuracy.png, entropy.png, regimes.png under --out, one panel per lag; skipped without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return
-    lags = sorted({lag for _, lag in grouped})
-    for name, key, title in (("accuracy", "eval_accuracy", "greedy accuracy"), ("entropy", "entropy", "token entropy"),
-                             ("regimes", "regime_positive", "fraction of groups with c > 0")):
-        figure, axes = plt.subplots(1, len(lags), figsize=(4 * len(lags), 3.2), squeeze=False, sharey=True)
-        for axis, lag in zip(axes[0], lags):
-            for (label, cell_lag), cell_runs in grouped.items():
-                points = [m for run, _ in cell_runs for m in run if key in m] if cell_lag == lag else []
-                steps = sorted({m["step"] for m in points})  # the mean over seeds at each step
-                if steps:
-                    axis.plot(steps, [mean([m[key] for m in points if m["step"] == s]) for s in steps], label=label)
-            axis.set_title(f"lag {lag}")
-            axis.set_xlabel("step")
-        axes[0][0].set_ylabel(title)
-        axes[0][-1].legend(fontsize=7)
-        figure.tight_layout()
-        figure.savefig(os.path.join(out, f"{name}.png"), dpi=110)
-        plt.close(figure)
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): each samples, scores and differentiates its share of every batch; the
+# gradients, evaluation counts and metrics are averaged or summed; the first process writes every file.
+# With one process every method leaves things as they are.
+# ----------------------------------------------------------------------------------------------
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)  # a warm start or a grid's slowest cell can take hours
 
 
-def plot_mechanism(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> None:
-    """The mean term's plots: final accuracy and mass leakage against the mean advantage (a point
-    per cell and seed; marker: filled when most groups are at c > 0), and the sequence KL(mu || pi)
-    over a stale cycle per loss, with the mean term's prediction -Abar / beta dashed."""
-    plt = pyplot()
-    if plt is None:
-        return
-    losses = sorted({label.split()[0] for label, _ in grouped})
-    colour = {loss: f"C{i}" for i, loss in enumerate(losses)}
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for (label, lag), cell_runs in grouped.items():
-        for run, _ in cell_runs:
-            steps = [m for m in run if "loss" in m]
-            x = mean([m["advantage_mean"] for m in steps])
-            positive = mean([m.get("regime_positive", 0.0) for m in steps]) > 0.5
-            style = dict(color=colour[label.split()[0]], marker="o" if positive else "x", s=18)
-            axes[0].scatter(x, [m["eval_accuracy"] for m in run if "eval_accuracy" in m][-1], **style)
-            axes[1].scatter(x, mean([m["mass_leakage"] for m in steps]), **style)
-    for axis, title in zip(axes, ("final greedy accuracy", "mass leakage (mean over steps)")):
-        axis.set_xlabel("mean advantage")
-        axis.set_title(title, fontsize=9)
-    axes[1].legend(handles=[plt.Line2D([], [], color=c, marker="o", ls="", label=loss) for loss, c in colour.items()],
-                   fontsize=7, title="o: c > 0 in most groups, x: not", title_fontsize=7)
-    figure.tight_layout()
-    figure.savefig(os.path.join(out, "mean_advantage.png"), dpi=110)
-    plt.close(figure)
-    lags, labels = sorted({lag for _, lag in grouped}), list(dict.fromkeys(label for label, _ in grouped))
-    figure, axes = plt.subplots(1, len(lags), figsize=(4.5 * len(lags) + 2, 3.6), squeeze=False)
-    for axis, lag in zip(axes[0], lags):
-        for (label, cell_lag), cell_runs in grouped.items():
-            steps = [m for run, _ in cell_runs for m in run if "loss" in m] if cell_lag == lag else []
-            if not steps:
-                continue
-            staleness, line_colour = sorted({m["staleness"] for m in steps}), plt.cm.tab20(labels.index(label) % 20)
-            axis.plot(staleness, [mean([m["kl_sequence"] for m in steps if m["staleness"] == s]) for s in staleness],
-                      label=label, color=line_colour, lw=1)
-            if "mean_term_target" in steps[0]:
-                axis.axhline(max(0.0, -mean([m["mean_term_target"] for m in steps])), color=line_colour, ls="--",
-                             lw=0.8)
-        axis.set_yscale("symlog", linthresh=0.1)
-        axis.set_title(f"lag {lag}: KL(mu || pi) per sequence; dashed: max(0, -Abar / beta)", fontsize=8)
-        axis.set_xlabel("staleness (steps since the refresh)")
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figure.tight_layout()
-    figure.savefig(os.path.join(out, "kl_stale_cycle.png"), dpi=110)
-    plt.close(figure)
+@dataclass(frozen=True)
+class Processes:
+    """The processes that share each batch, and this one's place among them (torchrun starts them)."""
+    rank: int = 0         # this process among `world` (torchrun's RANK)
+    world: int = 1        # processes that share each batch (WORLD_SIZE)
+    local_rank: int = 0   # its GPU on its machine (LOCAL_RANK)
+    quiet: bool = False   # no progress bar (an experiment's cells on processes other than the first)
+
+    @staticmethod
+    def from_environment() -> Processes:
+        """This process's place as torchrun's environment gives it; one process without torchrun."""
+        return Processes(*(int(os.environ.get(name, default)) for name, default in
+                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
+
+    @property
+    def writes(self) -> bool:
+        """The first process writes every file and prints; the others only compute."""
+        return self.rank == 0
+
+    def join(self, device: torch.device, backend: str) -> None:
+        """Join torchrun's process group (NCCL between GPUs, gloo otherwise); on CUDA a process's GPU is its
+        local rank (a CPU run never touches the GPUs, however many torch sees)."""
+        if self.world == 1 or dist.is_initialized():
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
+
+    def share(self, prompts: list, noise: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """This process's contiguous share of a step's prompts (a multiple of world) and their rows of the
+        step's noise (G per prompt): the same draws as one process, so the step samples the same completions."""
+        size = len(prompts) // self.world
+        mine = slice(self.rank * size, (self.rank + 1) * size)
+        return prompts[mine], noise.view(len(prompts), -1, noise.shape[-1])[mine].flatten(0, 1)
+
+    def average_gradients(self, model: torch.nn.Module) -> None:
+        """Each process holds the gradient of its share's loss; afterwards each holds their mean, the
+        gradient of the whole batch's loss (every loss is a mean over equal shares of completions)."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for grad, averaged in zip(grads, flat.div_(self.world).split([g.numel() for g in grads])):
+            grad.copy_(averaged.view_as(grad))
+
+    def mean_over_processes(self, record: dict, device: torch.device) -> dict:
+        """A step's metrics averaged over the processes' shares: the whole batch's for every mean over
+        completions or groups (the shares are equal); per-token means and maxima, the mean of the shares'."""
+        if self.world == 1:
+            return record
+        keys = [key for key, value in record.items() if isinstance(value, (int, float))]
+        values = torch.tensor([float(record[key]) for key in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(values)
+        return {**record, **{key: type(record[key])(value / self.world) for key, value in zip(keys, values.tolist())}}
+
+    def batch_starts(self, count: int, batch_size: int) -> range:
+        """Where this process's evaluation batches start: every world-th batch of one process's."""
+        return range(self.rank * batch_size, count, self.world * batch_size)
+
+    def sum(self, value: float, device: torch.device) -> float:
+        """The sum of `value` over the processes."""
+        if self.world == 1:
+            return value
+        total = torch.tensor(value, device=device)
+        dist.all_reduce(total)
+        return total.item()
+
+    @contextlib.contextmanager
+    def rank_zero_first(self):
+        """The first process runs the block (say, builds and caches the warm start), then the others do."""
+        if self.rank != 0:
+            dist.barrier()
+        yield
+        if self.rank == 0 and self.world > 1:
+            dist.barrier()
 
 
-def start_sweep_rows(cells: list[Config]) -> list[dict]:
-    """One row per (loss variant, lag, warm start): the start accuracy, the gain (final minus start accuracy)
-    and the sequence KL(mu || pi) just before each refresh (mean over the run), each as mean and std over seeds."""
-    seeds_of: dict[tuple, list] = {}
-    for cell in cells:
-        metrics = read_metrics(os.path.join(run_folder(cell), "metrics.jsonl"))
-        evals = [m["eval_accuracy"] for m in metrics if "eval_accuracy" in m]
-        before_refresh = [m["kl_sequence"] for m in metrics if "loss" in m and m["staleness"] == cell.lag - 1]
-        label = cell_label(dataclasses.replace(cell, warm_starts=""))
-        seeds_of.setdefault((label, cell.lag, cell.warm_start_steps), []).append(
-            {"start": evals[0], "gain": evals[-1] - evals[0], "kl_before_refresh": mean(before_refresh)})
-    rows = []
-    for (label, lag, warm_start_steps), seeds in seeds_of.items():
-        row = {"loss": label, "lag": lag, "warm_start_steps": warm_start_steps, "seeds": len(seeds)}
-        for key in ("start", "gain", "kl_before_refresh"):
-            row[key], row[key + "_std"] = mean(seed[key] for seed in seeds), std(seed[key] for seed in seeds)
-        rows.append(row)
-    return rows
-
-
-def format_start_sweep(rows: list[dict]) -> str:
-    """The gain (mean +- std over seeds) per loss and lag (rows) and warm start (columns)."""
-    starts = sorted({(r["warm_start_steps"], r["start"]) for r in rows})
-    lines = ["| loss | lag | " + " | ".join(f"start {acc:.2f} ({steps} steps)" for steps, acc in starts) + " |",
-             "|---|---|" + "---|" * len(starts)]
-    for loss, lag in dict.fromkeys((r["loss"], r["lag"]) for r in rows):
-        gains = {r["warm_start_steps"]: f"{r['gain']:+.3f} +- {r['gain_std']:.3f}" for r in rows
-                 if (r["loss"], r["lag"]) == (loss, lag)}
-        lines.append(f"| {loss} | {lag} | " + " | ".join(gains.get(steps, "-") for steps, _ in starts) + " |")
-    return "\n".join(lines)
-
-
-def plot_start_sweep(rows: list[dict], out: str) -> None:
-    """gain_vs_start.png: the gain (top) and the KL(mu || pi) before each refresh (bottom) against the start
-    accuracy, a line per loss, a panel per lag, seeds' std as error bars; skipped without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return
-    lags = sorted({r["lag"] for r in rows})
-    figure, axes = plt.subplots(2, len(lags), figsize=(4.5 * len(lags), 6.4), squeeze=False, sharex=True,
-                                sharey="row")  # lag 1 samples from pi itself: its KL is 0 on the others' scale
-    for column, lag in enumerate(lags):
-        for loss in dict.fromkeys(r["loss"] for r in rows):
-            points = sorted((r for r in rows if (r["loss"], r["lag"]) == (loss, lag)), key=lambda r: r["start"])
-            for axis, key in zip(axes[:, column], ("gain", "kl_before_refresh")):
-                axis.errorbar([r["start"] for r in points], [r[key] for r in points],
-                              yerr=[r[key + "_std"] for r in points], marker="o", capsize=3, label=loss)
-        axes[0, column].axhline(0.0, color="grey", lw=0.5)
-        axes[0, column].set_title(f"lag {lag}: gain in greedy accuracy (final - start)", fontsize=8)
-        axes[1, column].set_title(f"lag {lag}: KL(mu || pi) per sequence before each refresh", fontsize=8)
-        axes[1, column].set_yscale("symlog", linthresh=0.1)
-        axes[1, column].set_xlabel("greedy accuracy at the start of RL")
-    axes[0, 0].legend(fontsize=7, loc="upper right")
-    figure.tight_layout()
-    figure.savefig(os.path.join(out, "gain_vs_start.png"), dpi=110)
-    plt.close(figure)
+def check_config_on_every_process(cfg: Config, processes: Processes, check=check_config, backend: str = "") -> None:
+    """check(cfg, world); with several processes each then joins the process group (backend: NCCL on CUDA,
+    else gloo, unless given) and they share what they found, so a bad setting stops them all and the first
+    reports it (torchrun stops the other processes as soon as one exits, so each must know before any leaves)."""
+    if processes.world == 1:
+        return check(cfg, 1)
+    try:
+        check(cfg, processes.world)
+        error = None
+    except UsageError as found:
+        error = str(found)
+    device = device_and_precision(cfg)[0]
+    processes.join(device, backend or ("nccl" if device.type == "cuda" else "gloo"))
+    errors = [None] * processes.world
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        raise UsageError(next(e for e in errors if e))
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark: seconds per RL step, tokens/s, peak memory, and the share of the machine's measured matmul
-# throughput that the step's useful FLOPs reach.
-# ----------------------------------------------------------------------------------------------
-MODEL_SHAPES = {  # --bench-shape: published configurations, built with random weights so they run offline
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True),
-}
-
-
-def shape_model(shape: str, seed: int = 0):
-    """A Llama of the named shape with random weights, and the character tokenizer padded to its vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = dict(MODEL_SHAPES[shape])
-    tokenizer = build_char_tokenizer(config["vocab_size"])
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config, bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    return model, tokenizer
-
-
-def few_shot_prompts(problems: list[tuple[str, str]], count: int, min_chars: int, rng: random.Random):
-    """Addition prompts of at least min_chars characters (= tokens): solved examples, then the question."""
-    prompts = []
-    for _ in range(count):
-        question, answer = rng.choice(problems)
-        shots = ""
-        while len(shots) + len(question) < min_chars:
-            shot_question, shot_answer = rng.choice(problems)
-            shots += f"{shot_question}{shot_answer} "
-        prompts.append((shots + question, answer))
-    return prompts
-
-
-def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 2048,
-                            min_seconds: float = 1.0) -> float:
-    """Measured GEMM throughput: (size x size) @ (size x size) products, repeated for min_seconds."""
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    torch.matmul(a, b)  # warm-up
-    synchronize(device)
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < min_seconds or count < 3:
-        torch.matmul(a, b)
-        count += 1
-        if count % 8 == 0 or device.type != "cuda":
-            synchronize(device)
-    synchronize(device)
-    return 2 * size ** 3 * count / (time.perf_counter() - started)
-
-
-def benchmark(cfg: Config, problems: tuple[list, list]) -> dict:
-    """--bench N: one warm-up step, then N timed RL steps of the configured loss, lag and batch shape."""
-    device, precision = device_and_precision(cfg)
-    train_problems = problems[0]
-    if cfg.bench_shape:
-        policy, tokenizer = shape_model(cfg.bench_shape)
-        train_problems = few_shot_prompts(train_problems, 4096, 40, random.Random(0))  # chat-length prompts
-        source = f"{cfg.bench_shape} (random weights)"
-    else:
-        policy, tokenizer, source = load_model(dataclasses.replace(cfg, warm_start_steps=0), train_problems, device)
-    models = prepare_models(cfg, policy, device, precision)
-    prompt_rng = random.Random(cfg.seed)
-    timed_steps = []
-    matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    matmul_before = matmul_flops_per_second(device, matmul_dtype)  # measured before and after the steps:
-    for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
-        batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
-        result = rl_step(cfg, models, tokenizer, batch, step % cfg.lag, step_noise(cfg, step, len(batch)), {})
-        if step > 0:  # step 0 warms up the allocator, the kernels and first-call overheads; keep numbers only
-            timed_steps.append({**result.seconds, "micro_batch": result.micro_batch,
-                                "generated_tokens": int(result.rollout.completion_mask.sum()),
-                                "prompt_tokens": int(result.rollout.prompt_mask.sum())})
-    timed = {key: sum(step[key] for step in timed_steps)
-             for key in ("generation", "logprobs", "update", "generated_tokens", "prompt_tokens")}
-    timed["trained_tokens"] = timed["generated_tokens"] + timed["prompt_tokens"]
-
-    steps = cfg.bench
-    seconds = (timed["generation"] + timed["logprobs"] + timed["update"]) / steps
-    parameters = sum(p.numel() for p in policy.parameters())
-    step_flops = (2 * parameters * timed["generated_tokens"] + 6 * parameters * timed["trained_tokens"]) / steps
-    matmul_after = matmul_flops_per_second(device, matmul_dtype)   # a shared machine's speed drifts
-    matmul_flops = (matmul_before + matmul_after) / 2
-    report = {
-        "model": source, "parameters": parameters, "device": str(device), "precision": precision,
-        "threads": torch.get_num_threads(), "loss": cfg.loss, "prompts_per_step": cfg.prompts_per_step,
-        "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
-        "micro_batch": timed_steps[-1]["micro_batch"],
-        "micro_batch_auto": cfg.micro_batch == 0, "compiled_decoding": decodes_compiled(models.generator),
-        "timed_steps": steps, "seconds_per_step": seconds,
-        "generation_seconds": timed["generation"] / steps,
-        **({"logprob_seconds": timed["logprobs"] / steps} if models.reference is not None else {}),
-        "update_seconds": timed["update"] / steps,
-        "generated_tokens_per_step": timed["generated_tokens"] / steps,
-        "trained_tokens_per_step": timed["trained_tokens"] / steps,
-        "completion_tokens_per_s": timed["generated_tokens"] / steps / seconds,
-        "generation_tokens_per_s": timed["generated_tokens"] / max(timed["generation"], 1e-9),
-        **peak_memory(device),
-        "matmul_gflops_measured": matmul_flops / 1e9,
-        "matmul_gflops_before": matmul_before / 1e9, "matmul_gflops_after": matmul_after / 1e9,
-        "step_useful_gflop": step_flops / 1e9,
-        "matmul_bound_seconds": step_flops / matmul_flops,
-        "mfu": step_flops / seconds / matmul_flops,
-    }
-    os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, f"bench_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
-    report["path"] = path
-    return report
-
-
-def format_bench(report: dict) -> str:
-    r = report
-    logprobs = f"{r['logprob_seconds']:.2f}" if "logprob_seconds" in r else "-"  # only A*-PO needs a pass
-    lines = [f"{r['model']}: {r['parameters'] / 1e6:.1f}M parameters, {r['device']} ({r['threads']} threads), "
-             f"{r['precision']}, {r['prompts_per_step']} prompts x {r['group_size']} completions x "
-             f"{r['max_new_tokens']} new tokens, micro-batch {r['micro_batch']}"
-             f"{' (auto)' if r['micro_batch_auto'] else ''}, {r['loss']}, "
-             f"decoding {'compiled, static cache' if r['compiled_decoding'] else 'eager'}",
-             "| seconds/step | generation | ref log-probs | update | completion tokens/s | peak RSS GiB | "
-             "matmul GFLOP/s | matmul bound s | MFU |", "|" + "---|" * 9,
-             f"| {r['seconds_per_step']:.2f} | {r['generation_seconds']:.2f} | {logprobs} | {r['update_seconds']:.2f} | "
-             f"{r['completion_tokens_per_s']:.0f} | {r.get('peak_rss_gb', float('nan')):.2f} | "
-             f"{r['matmul_gflops_measured']:.0f} | "
-             f"{r['matmul_bound_seconds']:.2f} | {r['mfu']:.2f} |",
-             f"matmul GFLOP/s before / after the steps: {r['matmul_gflops_before']:.0f} / {r['matmul_gflops_after']:.0f}; "
-             f"useful work {r['step_useful_gflop']:.0f} GFLOP per step (2 x parameters x generated tokens + "
-             f"6 x parameters x trained tokens)"]
-    if "peak_gpu_memory_gb" in r:
-        lines.append(f"peak GPU memory: {r['peak_gpu_memory_gb']:.2f} GiB")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Main: parse and check the flags, train (or run the grid, or benchmark), print the summary.
+# Main: parse and check the flags, train, print the summary; errors are one line and an exit code.
 # ----------------------------------------------------------------------------------------------
 def format_summary(summary: dict) -> str:
     """The run's table row, then what happened in three lines, then where its files are."""
@@ -2378,36 +1905,30 @@ def format_summary(summary: dict) -> str:
         f"largest {max(kl, default=float('nan')):.3f}",
         f"mass leakage over the last 10 steps: {summary['final_mass_leakage']:.3f} (1: the policy kept its mass "
         f"on the sampled completions)",
-        f"metrics: {os.path.join(summary['run'], 'metrics.jsonl')}",
+        f"metrics: {os.path.join(summary['run'], 'metrics.jsonl')}, samples: {os.path.join(summary['run'], 'samples.jsonl')}",
         f"curves: {summary['curves']}" if summary["curves"] else
         "curves: not drawn, matplotlib is not installed (pip install matplotlib draws curves.png)"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    process = torchrun_process()  # a lone process without torchrun
+def run_command(argv: list[str] | None, config_class, work, check=check_config, backend: str = "",
+                description: str | None = None) -> int:
+    """Parse the flags of `config_class`, check them on every process, then `work(cfg, processes)`; bad
+    input, a diverged run, a failed compile, running out of GPU memory or an interruption end with one
+    line and an exit code (2, 1, 1, 1, 130). The experiments' scripts run through this too."""
+    processes = Processes.from_environment()  # one process without torchrun
     try:
-        cfg = parse_config(argv)
-        check_config_on_every_process(cfg, process)  # under torchrun: then joins the process group
-        if cfg.bench:
-            report = benchmark(cfg, load_task(cfg))
-            print(format_bench(report))
-            print(f"written: {report['path']}")
-            return 0
-        if cfg.compare:
-            rows = run_grid(cfg, process)
-            if rows is not None:
-                print(format_grid_table(rows))
-                print(f"tables: {os.path.join(cfg.out, 'compare.md')}, {os.path.join(cfg.out, 'compare.csv')}")
-            return 0
-        summary = train(cfg, load_task(cfg), process)  # a bad data file stops here, before any model is loaded
+        cfg = parse_config(argv, config_class, description)
+        check_config_on_every_process(cfg, processes, check, backend)  # several: then joins the process group
+        work(cfg, processes)
+        return 0
     except UsageError as error:
-        if process.rank == 0:  # every process has the same error: one line
+        if processes.writes:  # every process has the same error: one line
             print(f"error: {error}", file=sys.stderr)
         if dist.is_initialized():
-            dist.barrier()  # none leaves before rank 0 has printed
+            dist.barrier()  # none leaves before the first has printed
         return 2
     except (TrainingDiverged, CompiledDecodingFailed) as error:
-        if process.rank == 0:  # every process sees it (the gradients are averaged; the models are the same)
+        if processes.writes:  # every process sees it (the gradients are averaged; the models are the same)
             print(f"error: {error}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
@@ -2417,17 +1938,22 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if process.rank == 0:
+        if processes.writes:
             print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
                   file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if summary is None:  # torchrun: rank 0 prints
-        return 0
-    print(format_summary(summary))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def one_run(cfg: Config, processes: Processes) -> None:
+        summary = train(cfg, load_task(cfg), processes)  # a bad data file stops here, before any model is loaded
+        if summary is not None:  # several processes: the first prints
+            print(format_summary(summary))
+
+    return run_command(argv, Config, one_run)
 
 
 if __name__ == "__main__":
