@@ -674,20 +674,20 @@ def prepare_models(cfg: Config, policy, device: torch.device, precision: str) ->
     return models
 
 
-def reference_values(models: ModelsAndOptimizer, tokenizer, batch, cache: dict, cfg: Config) -> torch.Tensor:
+def reference_values(reference, tokenizer, batch, cache: dict, cfg: Config, step=decode_step) -> torch.Tensor:
     """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref (seeded by the
     prompt, so V_ref does not depend on when it is first needed), then cached."""
     new = [(p, a) for p, a in dict(batch).items() if p not in cache]
     if new:
         noise = torch.cat([sampling_noise(f"{cfg.seed}|reference|{p}", cfg.group_size, cfg.max_new_tokens)
                            for p, _ in new])
-        rollout = sample_groups(models.reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, noise, step=models.decode_step)
+        rollout = sample_groups(reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
+                                cfg.temperature, noise, step=step)
         rewards = score(tokenizer, rollout, [a for _, a in new], cfg.group_size, CHECKERS[cfg.checker],
                         zero_truncated=cfg.truncated == "zero")
         values = soft_value(rewards, cfg.beta_value)
         cache.update({p: v for (p, _), v in zip(new, values.squeeze(-1).tolist())})
-    device = next(models.reference.parameters()).device
+    device = next(reference.parameters()).device
     return torch.tensor([cache[p] for p, _ in batch], device=device)[:, None]
 
 
@@ -756,7 +756,8 @@ def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tupl
     with autocast(device, precision):
         rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
                                 cfg.temperature, noise, staleness, models.decode_step)
-        ref_value = None if models.reference is None else reference_values(models, tokenizer, batch, ref_values, cfg)
+        ref_value = None if models.reference is None else reference_values(models.reference, tokenizer, batch,
+                                                                           ref_values, cfg, models.decode_step)
     rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, CHECKERS[cfg.checker],
                     zero_truncated=cfg.truncated == "zero")  # (groups, G)
     seconds["generation"], tick = seconds_since(tick, device), time.perf_counter()
@@ -853,7 +854,7 @@ def accuracy(run: Run) -> float:
 def train(cfg: Config, problems: tuple[list, list] | None = None, processes: Processes | None = None) -> dict | None:
     """One run (several processes: each on its share of every batch; the first writes the files and
     returns the summary, the others None)."""
-    processes = processes or Processes()  # one process, unless torchrun started several
+    processes = processes or Processes()  # one process, unless several were started
     run, start_step = start_run(cfg, problems, processes)
     started = time.time() - run.totals["seconds"]
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run.folder.path), initial=start_step,
@@ -907,27 +908,23 @@ ACTIVATION_BUDGET_GB = 8.0  # --micro-batch 0: activations kept for the backward
 
 @dataclass
 class Config(RLConfig):
-    """Every command-line flag of a run: RLConfig's, then these."""
-    # the task and the model
+    """Every command-line flag of a run: RLConfig's, then the task and model's, then speed, memory and files."""
     task: str = flag("arith", "built-in addition, or a JSONL data set given by --data", choices=TASKS)
     data: str = flag("", "JSONL training problems for --task gsm8k / math / jsonl")
     eval_data: str = flag("", "JSONL held-out problems (empty: hold out --eval-fraction of --data)")
     eval_fraction: float = flag(0.1, "share of --data held out for evaluation when --eval-data is not given")
     question_field: str = flag("", "JSONL field with the problem (empty: problem for --task math, else question)")
     answer_field: str = flag("answer", "JSONL field with the answer, a worked solution (#### / \\boxed{}) or the bare answer")
-    checker: str = flag("auto", "reward: arith reads the last number, math our answer parser, math_verify the "
-                        "math-verify package (pip install math-verify); auto = arith for --task arith, else math",
-                        choices=("auto", "arith", "math", "math_verify"))
+    checker: str = flag("auto", "reward: arith (last number), math (our parser), math_verify (pip install "
+                        "math-verify); auto = arith for --task arith, else math", choices=("auto", "arith", "math", "math_verify"))
     model: str = flag("", "Hugging Face causal LM name or path (empty: the built-in tiny model)")
     plain_prompts: bool = flag(False, "--model: feed the raw prompt, not the tokenizer's chat template")
     trust_remote_code: bool = flag(False, "--model: allow the model's own code from the hub (off unless asked)")
-    # speed, memory and files
     precision: str = flag("auto", "matmul precision: bf16 autocast (fp32 weights and log-softmax), or fp32; "
                           "auto = bf16 on a CUDA GPU that has it", choices=("auto", "fp32", "bf16"))
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
-    micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's "
-                            f"(0: sized at every step, the most whole groups whose activations fit "
-                            f"{ACTIVATION_BUDGET_GB:g} GB)")
+    micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's (0: "
+                            f"per step, the most whole groups whose activations fit {ACTIVATION_BUDGET_GB:g} GB)")
     compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA for a "
                         "--model run when Triton is there, eager if it fails; the built-in model's 6-token "
                         "completions never repay a compile)", choices=("auto", "on", "off"))
@@ -958,9 +955,8 @@ def parse_config(argv: list[str] | None = None, config_class=Config, description
 
 
 def resolve_defaults(cfg: Config) -> Config:
-    """Every placeholder default, resolved in this one place (config.json records what it became).
-    Two `auto`s are left to the machine: --device and --precision (`device_and_precision`, when the run
-    starts), and --micro-batch 0 is a mode, sized at every step from the rollout (`auto_micro_batch`)."""
+    """Every placeholder default, resolved in this one place (config.json records it). Left to the machine:
+    --device / --precision auto (`device_and_precision`); --micro-batch 0 is sized per step (`auto_micro_batch`)."""
     data_task = cfg.task != "arith"
     return dataclasses.replace(
         cfg,
@@ -1004,7 +1000,7 @@ def check_config(cfg: Config, world: int = 1, one_run: bool = True) -> None:
         for path in (cfg.data, cfg.eval_data):
             if path and not os.path.isfile(path):
                 raise UsageError(f"{path}: no such file")
-        if not cfg.eval_data and not 0 < cfg.eval_fraction < 1:
+        if not (cfg.eval_data or 0 < cfg.eval_fraction < 1):
             raise UsageError(f"--eval-fraction must be in (0, 1), got {cfg.eval_fraction}")
     if cfg.checker == "math_verify" and importlib.util.find_spec("math_verify") is None:
         raise UsageError("--checker math_verify needs the math_verify package: pip install math-verify")
@@ -1133,9 +1129,9 @@ def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int =
 
 
 def load_model(cfg: Config, train_problems, device, say_where_it_runs: bool = False):
-    """The policy at the start of RL (also the A*-PO reference), its tokenizer and where it came from:
-    --model (or the built-in model) after --warm-start-steps supervised steps, built once and cached in
-    --out. say_where_it_runs: print the run's first line once the model is loaded, before any warm start."""
+    """The policy at the start of RL (also A*-PO's reference), its tokenizer and source: --model (or the
+    built-in model) after --warm-start-steps supervised steps, cached in --out; say_where_it_runs: print
+    the run's first line once the model is loaded, before any warm start."""
     loaded = print_where_it_runs if say_where_it_runs else lambda cfg, model, source: None
     source, steps = cfg.model or "builtin-tiny-llama", cfg.warm_start_steps
     cache_dir = warm_start_folder(cfg, source, steps)
@@ -1183,14 +1179,17 @@ def print_where_it_runs(cfg: Config, model, source: str) -> None:
     """A run's first line: where it runs, in what precision, on which model, decoding how; and, when
     --device auto lands on the CPU of a machine with an NVIDIA driver, that torch cannot use its GPU."""
     device, precision = device_and_precision(cfg)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     decoding = "compiled" if CompiledDecodeStep.wanted(cfg, device, say_why=False) else "eager"
-    tqdm.write(f"running on {name}, {precision}, {source} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+    tqdm.write(f"running on {device_name(device)}, {precision}, {source} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                f"parameters), {decoding} decoding")
     if cfg.device == "auto" and device.type == "cpu" and nvidia_driver_present():
         tqdm.write("an NVIDIA driver is installed but torch cannot use CUDA, so this runs on the CPU: compare "
                    "python -c 'import torch; print(torch.cuda.is_available(), torch.version.cuda)' with the "
                    "CUDA version nvidia-smi shows (--device cpu silences this)")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
 
 def nvidia_driver_present() -> bool:
@@ -1391,12 +1390,10 @@ class CompiledDecodingFailed(Exception):
 
 
 class CompiledDecodeStep:
-    """--compile: the drop-in for `decode_step`, with its signature. It decodes on a KV cache of fixed
-    length (prompt width + max_new_tokens, rounded up to LENGTH_BUCKET, reused across batches) with one
-    attention mask for every step, so every step has the same shapes and torch.compile captures each
-    model's one-token forward once (a CUDA graph on a GPU). A rollout's first step copies the prompt's
-    keys and values from the plain cache. If the compiled step fails, under --compile auto that model
-    decodes with the plain step from then on (the rollout goes on where it was), under on the run stops."""
+    """--compile: the drop-in for `decode_step`. It decodes on a KV cache of fixed length (prompt width +
+    max_new_tokens, rounded up to LENGTH_BUCKET, reused) with one attention mask for every step, so each
+    model's one-token forward has fixed shapes and is compiled once (a CUDA graph on a GPU). If it fails,
+    under --compile auto that model goes on with the plain step (this rollout too), under on the run stops."""
 
     def __init__(self, max_new_tokens: int, backend="inductor", fall_back: bool = False):
         self.max_new_tokens, self.backend, self.fall_back = max_new_tokens, backend, fall_back
@@ -1406,8 +1403,8 @@ class CompiledDecodeStep:
 
     @staticmethod
     def wanted(cfg: Config, device: torch.device, say_why: bool = True) -> bool:
-        """--compile on; or auto on CUDA for a --model run (the built-in model's 6-token completions never
-        repay a compile), when transformers has static caches written in order and Triton can be imported."""
+        """--compile on; or auto on CUDA for a --model run (6-token completions never repay a compile), when
+        transformers has static caches written in order and Triton can be imported."""
         if cfg.compile != "auto":
             return cfg.compile == "on"
         if device.type != "cuda" or not cfg.model:
@@ -1419,7 +1416,6 @@ class CompiledDecodeStep:
         return missing is None
 
     def compiles(self, model) -> bool:
-        """Whether `model` decodes compiled (it has not fallen back to the plain step)."""
         return self.compiled.get(id(model), True) is not None
 
     def __call__(self, model, cache: dict, token, attention_mask, position) -> torch.Tensor:
@@ -1428,12 +1424,12 @@ class CompiledDecodeStep:
         (name, plain_cache), = cache.items()
         if self.rollout is None or self.rollout["plain"]() is not plain_cache:  # a new rollout's first step
             self.rollout = self.start(model, plain_cache, attention_mask)
+        cuda_graphs, rollout = self.backend == "inductor" and token.device.type == "cuda", self.rollout
         if id(model) not in self.compiled:
-            mode = "reduce-overhead" if self.backend == "inductor" and token.device.type == "cuda" else None
-            self.compiled[id(model)] = torch.compile(model, backend=self.backend, mode=mode, dynamic=False)
-        rollout = self.rollout
+            self.compiled[id(model)] = torch.compile(model, backend=self.backend, dynamic=False,
+                                                     mode="reduce-overhead" if cuda_graphs else None)
         try:
-            if self.backend == "inductor" and token.device.type == "cuda":
+            if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
             logits = self.compiled[id(model)](input_ids=token, attention_mask=rollout["mask"], position_ids=position,
                                               use_cache=True, **{name: rollout["static"]}).logits[:, -1].float()
@@ -1445,8 +1441,7 @@ class CompiledDecodeStep:
         return logits
 
     def start(self, model, plain_cache, attention_mask: torch.Tensor) -> dict:
-        """The static cache holding the prompt's keys and values (slots 0 .. prompt width - 1) and the
-        attention mask of every step: the prompt's, then ones (unwritten slots are masked as the future)."""
+        """The static cache with the prompt's keys and values, and every step's mask: the prompt's, then ones."""
         from transformers import StaticCache
 
         rows, prompt_width = attention_mask.shape[0], plain_cache.get_seq_length()
@@ -1463,8 +1458,7 @@ class CompiledDecodeStep:
         return {"plain": weakref.ref(plain_cache), "static": static, "mask": mask, "width": prompt_width, "steps": 0}
 
     def fall_back_to_plain(self, model, plain_cache, error: Exception, step_inputs: tuple) -> torch.Tensor:
-        """--compile auto: this model decodes with the plain step from now on; the keys and values of the
-        tokens decoded so far move to the plain cache, so this rollout goes on from where it was."""
+        """--compile auto: the plain step from now on, the tokens decoded so far moved to the plain cache."""
         what = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:200]
         if not self.fall_back:
             raise CompiledDecodingFailed(f"compiled decoding failed ({what}); use --compile auto or off")
@@ -1478,14 +1472,10 @@ class CompiledDecodeStep:
 
 
 def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """The drop-in for `completion_logits`, with its signature: the same logits (N, T, V), with the graph.
-
-    Rows with the same prompt (a group: consecutive rows) share one forward pass over it, as in
-    sampling: the prompt's KV cache is computed once per distinct prompt, indexed out to its rows
-    (a differentiable gather, so gradients from every completion flow back through it), and the
-    completions run on top. With G completions per prompt this removes (G - 1) / G of the prompt work.
-    Gradient checkpointing drops KV caches, so with it (or nothing to share) the plain pass runs.
-    """
+    """The drop-in for `completion_logits`: the same logits (N, T, V), with the graph. A group's rows share
+    one pass over their prompt: its KV cache is computed once, indexed out to its rows (a differentiable
+    gather, so every completion's gradient flows back through it), and the completions run on top, saving
+    (G - 1) / G of the prompt work. With gradient checkpointing (no KV caches) the plain pass runs."""
     rows_with_prompt = torch.cat([prompt_ids, prompt_mask.long()], dim=1)
     unique_rows, row_to_prompt = torch.unique_consecutive(rows_with_prompt, dim=0, return_inverse=True)
     checkpointing = any(getattr(module, "gradient_checkpointing", False) is True and module.training
@@ -1575,13 +1565,11 @@ def enable_gradient_checkpointing(model) -> None:
 
 def peak_memory(device: torch.device) -> dict:
     """Peak resident memory of this process (GiB; not on Windows), and peak allocated CUDA memory on a GPU."""
-    try:
+    record = {}
+    if importlib.util.find_spec("resource"):  # not on Windows; ru_maxrss is bytes on macOS, KiB on Linux
         import resource
-    except ImportError:  # Windows
-        record = {}
-    else:
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        record = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 30}
+        record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+            1 if sys.platform == "darwin" else 1024) / 2 ** 30
     if device.type == "cuda":
         record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return record
@@ -1604,9 +1592,8 @@ def run_folder(cfg: Config) -> str:
 
 
 class RunFolder:
-    """A run's folder and its files: config.json (the flags as resolved, where it ran), metrics.jsonl (a
-    line per step), samples.jsonl (a few completions per evaluation), checkpoint.pt (each evaluation),
-    curves.png and summary.json. The first process writes them; every process reads the checkpoint."""
+    """A run's folder and its files: config.json (the flags as resolved, where it ran), metrics.jsonl,
+    samples.jsonl, checkpoint.pt, curves.png, summary.json; the first process writes them."""
 
     def __init__(self, cfg: Config):
         self.path = run_folder(cfg)
@@ -1624,8 +1611,8 @@ class RunFolder:
         self.save_checkpoint(run, 0)
 
     def save_checkpoint(self, run: Run, step: int) -> None:
-        """What a resumed run needs to go on as if it had never stopped (not the reference: it is the warm start).
-        Written then renamed, so a crash mid-write never replaces the last good checkpoint."""
+        """What a resumed run needs to go on as if it never stopped, written then renamed (the reference is
+        the warm start)."""
         models = run.models
         torch.save({"step": step, "policy": models.policy.state_dict(), "generator": models.generator.state_dict(),
                     "optimizer": models.optimizer.state_dict(), "prompt_rng": run.prompt_rng.getstate(),
@@ -1633,8 +1620,8 @@ class RunFolder:
         os.replace(self.checkpoint + ".tmp", self.checkpoint)
 
     def resume(self, run: Run) -> int:
-        """--resume: every process loads the last checkpoint; the first drops the lines written after it.
-        A checkpoint that cannot be read stops the run with one line, its files as they were."""
+        """--resume: every process loads the last checkpoint (one that cannot be read stops the run, its files
+        as they were); the first drops the lines written after it."""
         try:
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
             run.models.policy.load_state_dict(state["policy"])
@@ -1668,8 +1655,8 @@ class RunFolder:
         draw_curves(self.path, loss)
 
     def write_summary(self, run: Run) -> dict:
-        """summary.json: accuracy before and after RL, how long it took, the KL to the generator at the end
-        of each stale cycle (the last step before a refresh, and the last step), mass leakage at the end."""
+        """summary.json: accuracy before and after RL, minutes, the KL to the generator at the end of each
+        stale cycle (the step before a refresh, and the last), mass leakage at the end."""
         cfg, totals = run.cfg, run.totals
         steps = [m for m in read_lines(self.metrics) if "loss" in m]
         cycle_ends = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
@@ -1696,11 +1683,9 @@ def samples_of(tokenizer, prompts: list[tuple[str, str]], result: StepResult, st
 
 def where_it_runs(run: Run) -> dict:
     """The device by name, the policy's parameter count, and each model's decoding (config.json has them)."""
-    device, step = run.device, run.models.decode_step
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"CPU ({torch.get_num_threads()} threads)")
+    step = run.models.decode_step
     models = (("generator", run.models.generator), ("policy", run.models.policy), ("reference", run.models.reference))
-    return {"device_name": name, "parameters": sum(p.numel() for p in run.models.policy.parameters()),
+    return {"device_name": device_name(run.device), "parameters": sum(p.numel() for p in run.models.policy.parameters()),
             "decoding": {role: "compiled" if isinstance(step, CompiledDecodeStep) and step.compiles(model) else "eager"
                          for role, model in models if model is not None}}
 
@@ -1749,8 +1734,7 @@ def pyplot(say_if_missing: bool = True):
 
 
 def draw_curves(folder: str, loss: str) -> None:
-    """curves.png in a run's folder, redrawn at every evaluation from its metrics.jsonl: accuracy and reward;
-    KL(mu || pi) per completion and mass leakage, refreshes dotted; the regime shares and mean advantage."""
+    """curves.png, redrawn at each evaluation: accuracy and reward; KL(mu || pi) and mass leakage; regimes."""
     plt = pyplot(say_if_missing=False)  # the run's summary says how to get them
     if plt is None:
         return
@@ -1811,8 +1795,7 @@ class Processes:
         return self.rank == 0
 
     def join(self, device: torch.device, backend: str) -> None:
-        """Join torchrun's process group (NCCL between GPUs, gloo otherwise); on CUDA a process's GPU is its
-        local rank (a CPU run never touches the GPUs, however many torch sees)."""
+        """Join torchrun's process group; on CUDA a process's GPU is its local rank (a CPU run touches none)."""
         if self.world == 1 or dist.is_initialized():
             return
         if device.type == "cuda":
@@ -1820,15 +1803,14 @@ class Processes:
         dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
 
     def share(self, prompts: list, noise: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """This process's contiguous share of a step's prompts (a multiple of world) and their rows of the
-        step's noise (G per prompt): the same draws as one process, so the step samples the same completions."""
+        """This process's share of a step's prompts and their rows of the step's noise (G per prompt): the
+        same draws as one process makes, so the step samples the same completions."""
         size = len(prompts) // self.world
         mine = slice(self.rank * size, (self.rank + 1) * size)
         return prompts[mine], noise.view(len(prompts), -1, noise.shape[-1])[mine].flatten(0, 1)
 
     def average_gradients(self, model: torch.nn.Module) -> None:
-        """Each process holds the gradient of its share's loss; afterwards each holds their mean, the
-        gradient of the whole batch's loss (every loss is a mean over equal shares of completions)."""
+        """Each process's gradient of its share's loss becomes their mean: the whole batch's (equal shares)."""
         if self.world == 1:
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -1861,7 +1843,7 @@ class Processes:
 
     @contextlib.contextmanager
     def rank_zero_first(self):
-        """The first process runs the block (say, builds and caches the warm start), then the others do."""
+        """The first process runs the block (builds and caches the warm start), then the others do."""
         if self.rank != 0:
             dist.barrier()
         yield
@@ -1870,9 +1852,8 @@ class Processes:
 
 
 def check_config_on_every_process(cfg: Config, processes: Processes, check=check_config, backend: str = "") -> None:
-    """check(cfg, world); with several processes each then joins the process group (backend: NCCL on CUDA,
-    else gloo, unless given) and they share what they found, so a bad setting stops them all and the first
-    reports it (torchrun stops the other processes as soon as one exits, so each must know before any leaves)."""
+    """check(cfg, world); with several processes each then joins the group (NCCL on CUDA, else gloo, unless
+    given) and they share what they found: a bad setting stops them all before any leaves, the first reports it."""
     if processes.world == 1:
         return check(cfg, 1)
     try:
@@ -1893,12 +1874,12 @@ def check_config_on_every_process(cfg: Config, processes: Processes, check=check
 # ----------------------------------------------------------------------------------------------
 def format_summary(summary: dict) -> str:
     """The run's table row, then what happened in three lines, then where its files are."""
-    header = "| loss | lag | steps | warm-start accuracy | final accuracy | minutes | rollout tokens/s |"
+    header = "| loss | lag | steps | warm-start accuracy | final accuracy | minutes | rollout tokens/s |\n|" + "---|" * 7
     row = (f"| {summary['loss']} | {summary['lag']} | {summary['steps']} | {summary['warm_start_accuracy']:.3f} | "
            f"{summary['final_accuracy']:.3f} | {summary['minutes']:.2f} | {summary['rollout_tokens_per_s']:.0f} |")
     kl = summary["kl_at_cycle_ends"]
     return "\n".join([
-        header, "|" + "---|" * 7, row,
+        header, row,
         f"greedy accuracy {summary['warm_start_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
         f"(best {summary['best_accuracy']:.3f})",
         f"KL(mu || pi) per completion at the end of each of {len(kl)} stale cycles: mean {mean(kl):.3f}, "
@@ -1912,14 +1893,15 @@ def format_summary(summary: dict) -> str:
 
 def run_command(argv: list[str] | None, config_class, work, check=check_config, backend: str = "",
                 description: str | None = None) -> int:
-    """Parse the flags of `config_class`, check them on every process, then `work(cfg, processes)`; bad
-    input, a diverged run, a failed compile, running out of GPU memory or an interruption end with one
-    line and an exit code (2, 1, 1, 1, 130). The experiments' scripts run through this too."""
+    """Parse and check the flags of `config_class` on every process, then `work(cfg, processes)`; bad input,
+    divergence, a failed compile, GPU memory or an interruption end with one line (exit 2, 1, 1, 1, 130)."""
     processes = Processes.from_environment()  # one process without torchrun
     try:
         cfg = parse_config(argv, config_class, description)
         check_config_on_every_process(cfg, processes, check, backend)  # several: then joins the process group
         work(cfg, processes)
+        if dist.is_initialized():
+            dist.barrier()  # none tears the process group down while the first still writes its files
         return 0
     except UsageError as error:
         if processes.writes:  # every process has the same error: one line

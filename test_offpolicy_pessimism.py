@@ -17,6 +17,10 @@ import torch
 
 import offpolicy_pessimism as op
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+import bench  # noqa: E402  (experiments/bench.py)
+import compare  # noqa: E402  (experiments/compare.py)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = ["--device", "cpu"]  # every run here is on the CPU whatever torch sees: fp32, eager decoding, gloo
 TINY = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval-size", "16",
@@ -26,6 +30,21 @@ TINY = ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--eval-
 def main(argv: list[str]) -> int:
     """The script's main() on the CPU, so that exact equalities hold on a machine with a GPU too."""
     return op.main([*CPU, *argv])
+
+
+def grid_config(argv: list[str]):
+    """The flags of experiments/compare.py, parsed."""
+    return op.parse_config(argv, compare.GridConfig)
+
+
+def grid_main(argv: list[str]) -> int:
+    """experiments/compare.py's main() on the CPU."""
+    return compare.main([*CPU, *argv])
+
+
+def bench_main(argv: list[str]) -> int:
+    """experiments/bench.py's main() on the CPU."""
+    return bench.main([*CPU, *argv])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,8 +387,32 @@ def test_mass_leakage_sums_each_distinct_completion_once_per_group():
     ("#### 1,234", "1234", 1.0), ("so #### 5, not 7", "5", 1.0), ("\\boxed{-7}", "-7", 1.0), ("-7", "7", 0.0),
     ("46.0", "46", 1.0), ("+46", "46", 1.0), ("4 6", "46", 0.0), ("", "0", 0.0), ("no number", "0", 0.0),
 ])
-def test_reward_checker_cases(completion, answer, expected):
+def test_math_checker_cases(completion, answer, expected):
+    assert op.math_reward(completion, answer) == expected
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("46", "46", 1.0), ("046", "46", 1.0), ("=46", "46", 1.0), ("+46.0", "46", 1.0), ("12 then 46", "46", 1.0),
+    ("46 then 12", "46", 0.0), ("-46", "46", 0.0), ("4 6", "46", 0.0), ("4.6", "46", 0.0), ("", "0", 0.0),
+    ("####46", "46", 1.0), ("0+0=0", "0", 1.0),
+])
+def test_builtin_task_reward_reads_the_last_number(completion, answer, expected):
     assert op.reward(completion, answer) == expected
+
+
+def test_builtin_task_reward_agrees_with_the_math_checker_on_its_alphabet_but_thousands_commas():
+    rng = op.random.Random(0)
+    alphabet = "0123456789+-=#., "
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(20000)]
+    texts += [f"{a}{sep}{b}" for a in range(0, 130, 7) for b in range(0, 130, 9) for sep in "+-=#. ,"]
+    compared = 0
+    for text in texts:
+        if re.search(r"[0-9],[0-9]{3}", text):
+            continue  # `1,005` is 1005 to the math checker and 5 here: the one reading they do not share
+        for answer in {"0", "5", "46", "128", *re.findall(r"[0-9]+", text)[-1:]}:
+            assert op.reward(text, answer) == op.math_reward(text, answer), (text, answer)
+            compared += 1
+    assert compared > 20000
 
 
 MATH_CASES = {  # name: (completion, reference answer, reward)
@@ -404,7 +447,7 @@ MATH_CASES = {  # name: (completion, reference answer, reward)
 @pytest.mark.parametrize("name", MATH_CASES)
 def test_math_checker_case(name):
     completion, answer, expected = MATH_CASES[name]
-    assert op.reward(completion, answer) == expected
+    assert op.math_reward(completion, answer) == expected
 
 
 def test_half_has_one_normal_form():
@@ -429,7 +472,7 @@ def test_real_math500_boxed_answers_match_their_answer_field():
     with open(os.path.join(SHARED_DATA, "math500", "test.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     misses = [(row["answer"], op.extract_answer(row["solution"])) for row in rows
-              if op.reward(row["solution"], row["answer"]) != 1.0]
+              if op.math_reward(row["solution"], row["answer"]) != 1.0]
     assert len(rows) == 500 and len(misses) <= 0.02 * len(rows), misses
 
 
@@ -454,7 +497,7 @@ def test_reward_checker_parses_never_executes_and_scans_a_bounded_text_on_hostil
         monkeypatch.setattr(op, name, Recording(getattr(op, name)))
     for name in ("eval", "exec"):
         monkeypatch.setattr(builtins, name, lambda *args, **kwargs: pytest.fail("the checker executed its input"))
-    assert op.reward(hostile, "46") == 0.0
+    assert op.math_reward(hostile, "46") == 0.0
     assert scanned and max(scanned) <= op.MAX_CHECKED_CHARS
     if len(hostile) > op.MAX_CHECKED_CHARS:
         assert max(scanned) <= len("46")  # only the reference answer was parsed: the completion was refused unread
@@ -485,7 +528,7 @@ def wiring_run(tiny, argv, monkeypatch, steps=1):
     """rl_step as train() calls it, for `steps` steps with the flags `argv`, from a generator that differs
     from the policy (its first batch is stale). Returns the models and optimizer, the policy as RL started,
     for each step (the policy before it, its StepResult, the gradient it applied), and the parsed flags."""
-    monkeypatch.setitem(op.CHECKERS, "builtin", even_length_checker)
+    monkeypatch.setitem(op.CHECKERS, "arith", even_length_checker)
     model, tokenizer = tiny
     cfg = op.parse_config([*CPU, "--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "5",
                            "--grad-clip", "1e9", *argv])  # no gradient clipping: the raw gradient is compared
@@ -617,7 +660,7 @@ def test_apo_is_anchored_on_the_reference_which_no_refresh_ever_touches(tiny, mo
 
 
 def test_apo_value_comes_from_the_reference_samples_once_per_prompt_wherever_it_is_first_seen(tiny, monkeypatch):
-    monkeypatch.setitem(op.CHECKERS, "builtin", even_length_checker)
+    monkeypatch.setitem(op.CHECKERS, "arith", even_length_checker)
     model, tokenizer = tiny
     cfg = op.parse_config([*CPU, "--loss", "apo", "--group-size", "8", "--beta-value", "0.3", "--max-new-tokens", "30"])
     reference = op.frozen_copy(model)
@@ -718,7 +761,7 @@ def fresh_out(warm_out, tmp_path, name="out"):
 
 def metrics_of(out):
     (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
-    return op.read_metrics(os.path.join(out, run, "metrics.jsonl"))
+    return op.read_lines(os.path.join(out, run, "metrics.jsonl"))
 
 
 TIMINGS = {"rollout_seconds", "update_seconds", "rollout_tokens_per_s", "update_tokens_per_s", "peak_rss_gb"}
@@ -742,7 +785,7 @@ def test_every_loss_runs_end_to_end(loss, warm_out, tmp_path, capsys):
         assert all(math.isfinite(m[key]) for m in metrics[1:]), key
     if loss in ("ppo", "tis"):
         assert "clip_fraction" in metrics[1] and "ratio_max" in metrics[1]
-    if loss in ("oapl", "apo", "pmd", "shifted"):
+    if loss in ("oapl", "pmd", "shifted"):  # apo's anchor is pi_ref: no regime of eq. 2 on mu's samples
         fractions = [metrics[1][k] for k in ("regime_positive", "regime_boundary", "regime_negative")]
         assert sum(fractions) == pytest.approx(1.0)
     if loss == "shifted":
@@ -763,7 +806,7 @@ def test_generator_is_refreshed_every_lag_steps(warm_out, tmp_path):
 
 @pytest.mark.parametrize("loss", ["shifted", "apo"])
 def test_resume_after_an_interruption_gives_the_same_metrics(loss, warm_out, tmp_path, monkeypatch):
-    monkeypatch.setitem(op.CHECKERS, "builtin", even_length_checker)  # mixed rewards: A*-PO's V_ref is not all 0
+    monkeypatch.setitem(op.CHECKERS, "arith", even_length_checker)  # mixed rewards: A*-PO's V_ref is not all 0
     args = [*TINY, "--lag", "2", "--lr", "1e-3", "--loss", loss]  # evaluates and checkpoints every 3 steps
     straight = fresh_out(warm_out, tmp_path, "straight")
     assert main(["--out", str(straight), *args, "--steps", "6"]) == 0
@@ -848,7 +891,7 @@ def test_device_cpu_keeps_a_run_and_its_processes_off_a_gpu_that_torch_sees(monk
     joined = []
     monkeypatch.setattr(op.dist, "init_process_group", lambda backend, **kwargs: joined.append(backend))
     monkeypatch.setattr(op.dist, "is_initialized", lambda: False)
-    op.join_processes(op.TorchrunProcess(rank=1, world=2, local_rank=1), torch.device("cpu"), "gloo")
+    op.Processes(rank=1, world=2, local_rank=1).join(torch.device("cpu"), "gloo")
     assert joined == ["gloo"]
 
 
@@ -874,12 +917,12 @@ def test_the_script_runs_as_a_command_and_fails_cleanly(warm_out, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The comparison grid
 # ---------------------------------------------------------------------------------------------
-GRID = ["--compare", "--losses", "ppo,shifted", "--lags", "1,2", "--seeds", "1", *TINY]
+GRID = ["--losses", "ppo,shifted", "--lags", "1,2", "--seeds", "1", *TINY]
 
 
 def test_grid_runs_every_cell_and_resumes_without_rerunning_finished_ones(warm_out, tmp_path, capsys):
     out = fresh_out(warm_out, tmp_path)
-    assert main(["--out", str(out), *GRID]) == 0
+    assert grid_main(["--out", str(out), *GRID]) == 0
     assert "| ppo | 2 |" in capsys.readouterr().out
     cells = sorted(d for d in os.listdir(out) if "_lag" in d)
     assert len(cells) == 4 and (out / "compare.md").exists() and (out / "compare.csv").exists()
@@ -887,7 +930,7 @@ def test_grid_runs_every_cell_and_resumes_without_rerunning_finished_ones(warm_o
     shutil.rmtree(out / cells[0])                           # a cell the grid never reached
     os.remove(out / cells[1] / "summary.json")              # a cell stopped after its last checkpoint
     before = (out / cells[1] / "metrics.jsonl").read_text()
-    assert main(["--out", str(out), *GRID]) == 0
+    assert grid_main(["--out", str(out), *GRID]) == 0
     assert (out / cells[0] / "summary.json").exists() and (out / cells[1] / "summary.json").exists()
     assert (out / cells[1] / "metrics.jsonl").read_text() == before  # resumed, not rerun
     for cell in cells[2:]:
@@ -896,8 +939,8 @@ def test_grid_runs_every_cell_and_resumes_without_rerunning_finished_ones(warm_o
 
 def test_grid_table_numbers_equal_the_cells_own_metrics(warm_out, tmp_path):
     out = fresh_out(warm_out, tmp_path)
-    assert main(["--out", str(out), *GRID, "--seeds", "1,2"]) == 0
-    cfg = op.parse_config(["--out", str(out), *GRID, "--seeds", "1,2"])
+    assert grid_main(["--out", str(out), *GRID, "--seeds", "1,2"]) == 0
+    cfg = op.parse_config(["--out", str(out), *GRID, "--seeds", "1,2"], compare.GridConfig)
     with open(out / "compare.csv") as f:
         header, *lines = [line.strip().split(",") for line in f]
     table = {(row[0], int(row[1])): {"loss": row[0], **dict(zip(header[1:], map(float, row[1:])))} for row in lines}
@@ -912,8 +955,8 @@ def test_grid_table_numbers_equal_the_cells_own_metrics(warm_out, tmp_path):
         return sum(values) / len(values) if values else math.nan
 
     for (label, lag), row in table.items():
-        cells = [c for c in op.grid_cells(cfg) if op.cell_label(c) == label and c.lag == lag]
-        runs = [op.read_metrics(os.path.join(op.run_folder(c), "metrics.jsonl")) for c in cells]
+        cells = [c for c in compare.grid_cells(cfg) if compare.cell_label(c) == label and c.lag == lag]
+        runs = [op.read_lines(os.path.join(op.run_folder(c), "metrics.jsonl")) for c in cells]
         summaries = [json.load(open(os.path.join(op.run_folder(c), "summary.json"))) for c in cells]
         evals = [[m["eval_accuracy"] for m in run if "eval_accuracy" in m] for run in runs]
         finals = [e[-1] for e in evals]
@@ -935,20 +978,34 @@ def test_grid_table_numbers_equal_the_cells_own_metrics(warm_out, tmp_path):
             label == "ppo")
 
 
+def test_grid_mean_term_table_is_the_cells_second_half_of_each_stale_cycle(tmp_path):
+    cell = {"step": 0, "eval_accuracy": 0.5}
+    lines = [cell] + [{"step": s, "loss": 0.1, "staleness": (s - 1) % 4, "mean_term_target": -0.1 * s,
+                       "log_ratio_mean": -0.01 * s, "kl_sequence": 0.02 * s, "loss_mean_term": 0.001 * s,
+                       "loss_centred": 0.1} for s in range(1, 9)]
+    (row,) = compare.mean_term_table({("shifted shift=1", 4): [(lines, {}), (lines, {})]})
+    late = [m for m in lines[1:] if m["staleness"] >= 2]  # steps 3, 4, 7, 8
+    assert row["target"] == pytest.approx(sum(0.1 * m["step"] for m in late) / 4)
+    assert row["achieved"] == pytest.approx(sum(0.01 * m["step"] for m in late) / 4)
+    assert row["kl_sequence"] == pytest.approx(sum(0.02 * m["step"] for m in late) / 4)
+    assert compare.mean_term_table({("ppo", 4): [([cell, {"step": 1, "loss": 0.1, "staleness": 0}], {})]}) == []
+    assert "| shifted shift=1 | 4 | 0.55 | 0.06 | 0.11 |" in compare.format_mean_term_table([row])
+
+
 def test_a_grid_with_several_warm_starts_writes_the_start_sweep_table_and_plot(warm_out, tmp_path):
     out = fresh_out(warm_out, tmp_path)
-    assert main(["--out", str(out), *GRID, "--losses", "ppo,oapl", "--lags", "2", "--warm-starts", "0,30"]) == 0
+    assert grid_main(["--out", str(out), *GRID, "--losses", "ppo,oapl", "--lags", "2", "--warm-starts", "0,30"]) == 0
     lines = (out / "start_sweep.md").read_text().splitlines()
     assert re.fullmatch(r"\| loss \| lag \| start [0-9.]+ \(0 steps\) \| start [0-9.]+ \(30 steps\) \|", lines[0])
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["ppo", "oapl beta_v=0.2"]
     assert (out / "gain_vs_start.png").exists() == bool(importlib.util.find_spec("matplotlib"))
-    assert main(["--out", str(tmp_path / "one"), *GRID]) == 0 and not (tmp_path / "one" / "start_sweep.md").exists()
+    assert grid_main(["--out", str(tmp_path / "one"), *GRID]) == 0 and not (tmp_path / "one" / "start_sweep.md").exists()
 
 
 def test_start_sweep_gain_and_kl_before_refresh_are_the_cells_own_numbers(tmp_path):
-    cfg = op.parse_config(["--out", str(tmp_path), "--compare", "--losses", "ppo,shifted", "--lags", "3",
+    cfg = grid_config(["--out", str(tmp_path), "--losses", "ppo,shifted", "--lags", "3",
                            "--seeds", "1,2", "--warm-starts", "100,200"])
-    cells = op.grid_cells(cfg)
+    cells = compare.grid_cells(cfg)
     expected = {}
     for number, cell in enumerate(cells):  # made-up runs: evaluations at steps 0, 3, 6; KL by step
         start, final = 0.1 * (cell.warm_start_steps // 100), 0.05 * number
@@ -961,7 +1018,7 @@ def test_start_sweep_gain_and_kl_before_refresh_are_the_cells_own_numbers(tmp_pa
                 f.write(json.dumps({**line, **({"eval_accuracy": 0.9} if step == 3 else {}),
                                     **({"eval_accuracy": final} if step == 6 else {})}) + "\n")
         expected.setdefault((cell.loss, cell.warm_start_steps), []).append((start, final - start, (kl[3] + kl[6]) / 2))
-    rows = op.start_sweep_rows(cells)
+    rows = compare.start_sweep_rows(cells)
     assert len(rows) == 4
     for row in rows:
         seeds = expected[row["loss"].split()[0], row["warm_start_steps"]]
@@ -969,7 +1026,7 @@ def test_start_sweep_gain_and_kl_before_refresh_are_the_cells_own_numbers(tmp_pa
             values = [seed[index] for seed in seeds]
             mean = sum(values) / 2
             assert row[key] == pytest.approx(mean) and row[key + "_std"] == pytest.approx(abs(values[0] - mean))
-    table = op.format_start_sweep(rows).splitlines()
+    table = compare.format_start_sweep(rows).splitlines()
     assert table[0] == "| loss | lag | start 0.10 (100 steps) | start 0.20 (200 steps) |"
     gains = {(loss, steps): [g for _, g, _ in expected[loss, steps]] for loss, steps in expected}
     cell_text = lambda g: f"{sum(g) / 2:+.3f} +- {abs(g[0] - sum(g) / 2):.3f}"  # noqa: E731
@@ -979,7 +1036,7 @@ def test_start_sweep_gain_and_kl_before_refresh_are_the_cells_own_numbers(tmp_pa
 
 def test_grid_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    op.plot_grid({("shifted", 16): [([{"step": 0, "eval_accuracy": 0.5}], {})]}, str(tmp_path))
+    compare.plot_grid({("shifted", 16): [([{"step": 0, "eval_accuracy": 0.5}], {})]}, str(tmp_path))
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.png"))
 
@@ -987,26 +1044,26 @@ def test_grid_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, t
 def test_grid_refuses_bad_lists_before_any_work(tmp_path, capsys):
     for argv, message in [(["--losses", "ppo,dpo"], "unknown dpo"), (["--lags", "1,x"], "--lags must be"),
                           (["--lags", "0"], "at least 1"), (["--resume"], "drop --resume")]:
-        assert main(["--out", str(tmp_path / "out"), "--compare", *argv]) == 2
+        assert grid_main(["--out", str(tmp_path / "out"), *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_regime_preset_sweeps_value_temperatures_and_shifts():
-    cells = op.grid_cells(op.parse_config(["--compare", "--preset", "regimes"]))
-    assert {op.cell_label(c) for c in cells} == {"oapl beta_v=0.05", "oapl beta_v=0.1", "oapl beta_v=0.3",
+    cells = compare.grid_cells(grid_config(["--preset", "regimes"]))
+    assert {compare.cell_label(c) for c in cells} == {"oapl beta_v=0.05", "oapl beta_v=0.1", "oapl beta_v=0.3",
                                                  "shifted shift=0.25", "shifted shift=1", "shifted shift=3"}
     assert {c.lag for c in cells} == {64} and len({op.run_folder(c) for c in cells}) == len(cells)
 
 
 def test_grid_can_vary_beta_and_the_warm_start_strength():
-    cfg = op.parse_config(["--compare", "--losses", "pmd,oapl", "--lags", "4", "--seeds", "1",
+    cfg = grid_config(["--losses", "pmd,oapl", "--lags", "4", "--seeds", "1",
                            "--betas", "0.05,0.2", "--warm-starts", "300,1200", "--beta-values", "0.1,0.4"])
-    cells = op.grid_cells(cfg)
+    cells = compare.grid_cells(cfg)
     assert len(cells) == 2 * 2 * (1 + 2)
     assert {(c.beta, c.warm_start_steps) for c in cells} == {(0.05, 300), (0.05, 1200), (0.2, 300), (0.2, 1200)}
-    assert "oapl beta_v=0.4 beta=0.05 warm=1200" in {op.cell_label(c) for c in cells}
-    assert len({op.run_folder(c) for c in cells}) == len(cells) == len({op.cell_label(c) for c in cells})
+    assert "oapl beta_v=0.4 beta=0.05 warm=1200" in {compare.cell_label(c) for c in cells}
+    assert len({op.run_folder(c) for c in cells}) == len(cells) == len({compare.cell_label(c) for c in cells})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1083,7 +1140,7 @@ def test_the_full_loop_runs_on_a_saved_chat_model_and_a_jsonl_task(style, tmp_pa
             "--eval-fraction", "0.25", "--micro-batch", "4", "--loss", "ppo"]
     assert main(argv) == 0
     (run,) = os.listdir(out)
-    metrics = op.read_metrics(out / run / "metrics.jsonl")
+    metrics = op.read_lines(out / run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     with open(out / run / "config.json") as f:
         assert json.load(f)["lr"] == 1e-6  # the resolved default for a pretrained model
@@ -1230,7 +1287,7 @@ def test_math_verify_checker_without_the_package_says_how_to_install_it(tmp_path
 def test_math_verify_checker_compares_symbolically_when_installed():
     pytest.importorskip("math_verify")
     assert op.math_verify_reward("\\boxed{2\\sqrt{3}}", "\\sqrt{12}") == 1.0  # algebra the built-in checker lacks
-    assert op.reward("\\boxed{2\\sqrt{3}}", "\\sqrt{12}") == 0.0
+    assert op.math_reward("\\boxed{2\\sqrt{3}}", "\\sqrt{12}") == 0.0
     assert op.math_verify_reward("\\boxed{3}", "4") == 0.0
     assert op.math_verify_reward("#### 72", "48/2 = 24 clips in May.\n#### 72") == 1.0
 
@@ -1249,8 +1306,10 @@ def plain_completion_logprobs(model, rollout, temperature):
     return token_logp, entropy
 
 
+@pytest.mark.parametrize("logits_of", ["completion_logits", "shared_prompt_logits"])  # the plain one, its drop-in
 @pytest.mark.parametrize("style", ["builtin", "qwen2"])
-def test_shared_prompt_chunked_logprobs_equal_the_plain_log_softmax(style, tiny, tmp_path):
+def test_chunked_logprobs_of_the_plain_pass_and_its_drop_in_equal_the_full_log_softmax(style, logits_of, tiny,
+                                                                                      tmp_path):
     if style == "builtin":
         model, tokenizer = tiny
         prompts = ["7+3=", "45+21=", "99+29="]
@@ -1265,7 +1324,7 @@ def test_shared_prompt_chunked_logprobs_equal_the_plain_log_softmax(style, tiny,
     lengths = torch.tensor([5 - row % 4 for row in range(12)])  # several lengths, and a last column of padding
     rollout.completion_mask = op.mask_from_lengths(lengths, 6)
     rollout.completion_ids = rollout.completion_ids.masked_fill(~rollout.completion_mask, tokenizer.pad_token_id)
-    fast_logp, fast_entropy = op.completion_logprobs(model, rollout, 0.7, chunk_rows=5)
+    fast_logp, fast_entropy = op.completion_logprobs(model, rollout, 0.7, getattr(op, logits_of), chunk_rows=5)
     plain_logp, plain_entropy = plain_completion_logprobs(model, rollout, 0.7)
     assert torch.allclose(fast_logp, plain_logp, atol=1e-5) and torch.allclose(fast_entropy, plain_entropy, atol=1e-5)
     fast_logp.sum().backward()
@@ -1288,7 +1347,7 @@ def test_inverse_cdf_sampling_draws_from_the_distribution():
 @pytest.mark.parametrize("loss", ["shifted", "apo"])
 def test_bench_writes_every_field_positive(loss, tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["--bench", "2", "--loss", loss, "--out", str(out), "--prompts-per-step", "4",
+    assert bench_main(["--bench", "2", "--loss", loss, "--out", str(out), "--prompts-per-step", "4",
                  "--group-size", "4", "--micro-batch", "6"]) == 0
     printed = capsys.readouterr().out
     assert "seconds/step" in printed and "MFU" in printed
@@ -1304,18 +1363,10 @@ def test_bench_writes_every_field_positive(loss, tmp_path, capsys):
     assert all(report[key] > 0 for key in expected), {key: report[key] for key in expected}
 
 
-def test_bench_shape_is_the_smollm2_135m_configuration():
-    model, tokenizer = op.shape_model("smollm2-135m")
-    config = model.config
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size, config.vocab_size, config.tie_word_embeddings) == (576, 30, 9, 3, 1536, 49152, True)
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008 and len(tokenizer) == 49152
-
-
 def test_bench_runs_on_a_saved_model_and_a_data_task(tmp_path, capsys):
     saved = save_chat_model("llama", tmp_path)
     data = write_jsonl(tmp_path / "train.jsonl", ADDITION_ROWS)
-    assert main(["--bench", "1", "--model", saved, "--task", "jsonl", "--data", data, "--out", str(tmp_path),
+    assert bench_main(["--bench", "1", "--model", saved, "--task", "jsonl", "--data", data, "--out", str(tmp_path),
                  "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "8"]) == 0
     (path,) = [p for p in os.listdir(tmp_path) if p.startswith("bench_")]
     with open(tmp_path / path) as f:
@@ -1330,15 +1381,13 @@ needs_static_caches = pytest.mark.skipif(not op.static_decoding_supported(),
                                          reason="static caches written in order came with transformers 5.4")
 
 
-def static_decoding_copy(model):
-    """A copy decoding as --compile does, traced by dynamo but run eagerly (inductor on CPU takes ~30 s),
+def traced_decode_step(max_new_tokens=100, fall_back=False):
+    """The decode step --compile uses, traced by dynamo but run eagerly (inductor on CPU takes ~30 s),
     and the counter of the graphs it compiled."""
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()
-    fast = copy.deepcopy(model)
-    op.enable_static_decoding(fast, backend=counter)
-    return fast, counter
+    return op.CompiledDecodeStep(max_new_tokens, backend=counter, fall_back=fall_back), counter
 
 
 @needs_static_caches
@@ -1351,12 +1400,12 @@ def test_static_cache_sampler_draws_the_eager_tokens_and_log_probs(style, tiny, 
         model, tokenizer = op.load_pretrained(save_chat_model(style, tmp_path))
         prompts = ["What is 1 plus 2?", "Hi", "A much longer question about numbers?"]
     model.eval()
-    fast, counter = static_decoding_copy(model)
+    fast, counter = traced_decode_step()
     for temperature, max_new_tokens in [(1.0, 6), (4.0, 60), (0.0, 5)]:
         eager = op.sample_groups(model, tokenizer, prompts, 4, max_new_tokens, temperature,
                                  noise(4 * len(prompts), max_new_tokens))
-        static = op.sample_groups(fast, tokenizer, prompts, 4, max_new_tokens, temperature,
-                                  noise(4 * len(prompts), max_new_tokens))
+        static = op.sample_groups(model, tokenizer, prompts, 4, max_new_tokens, temperature,
+                                  noise(4 * len(prompts), max_new_tokens), step=fast)
         assert eager.prompt_mask.sum(-1).unique().numel() > 1  # prompts of different lengths in one batch
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
             assert torch.equal(getattr(eager, name), getattr(static, name)), name
@@ -1369,9 +1418,9 @@ def test_static_cache_sampler_draws_the_eager_tokens_and_log_probs(style, tiny, 
 @needs_static_caches
 def test_all_completions_ending_early_stop_the_static_sampler_too(tiny):
     model, tokenizer = tiny
-    fast, _ = static_decoding_copy(model)
-    eager, static = (op.sample_groups(m, tokenizer, ["7+3=", "1+1="], 16, 100, 4.0, noise(32, 100, 2))
-                     for m in (model, fast))
+    fast, _ = traced_decode_step()
+    eager, static = (op.sample_groups(model, tokenizer, ["7+3=", "1+1="], 16, 100, 4.0, noise(32, 100, 2), step=step)
+                     for step in (op.decode_step, fast))
     assert static.completion_ids.shape[1] < 100 and not static.truncated.any()  # the loop stopped when all ended
     assert torch.equal(eager.completion_ids, static.completion_ids)
     assert torch.allclose(eager.behavior_logp, static.behavior_logp, atol=1e-5)
@@ -1380,14 +1429,14 @@ def test_all_completions_ending_early_stop_the_static_sampler_too(tiny):
 @needs_static_caches
 def test_a_new_batch_with_other_prompt_lengths_does_not_recompile(tiny):
     model, tokenizer = tiny
-    fast, counter = static_decoding_copy(model)
-    op.sample_groups(fast, tokenizer, ["7+3=", "45+21="], 4, 6, 1.0, noise(8, 6))
+    fast, counter = traced_decode_step(max_new_tokens=9)
+    op.sample_groups(model, tokenizer, ["7+3=", "45+21="], 4, 6, 1.0, noise(8, 6), step=fast)
     compiled = counter.frame_count
     assert compiled >= 1
     for prompts, max_new_tokens in [(["1+1=", "9+2="], 6), (["99+29=", "10+10="], 9), (["3+3=", "1+22="], 6)]:
-        op.sample_groups(fast, tokenizer, prompts, 4, max_new_tokens, 1.0, noise(8, max_new_tokens, 1))
+        op.sample_groups(model, tokenizer, prompts, 4, max_new_tokens, 1.0, noise(8, max_new_tokens, 1), step=fast)
     assert counter.frame_count == compiled  # other prompt widths and token caps fall in the same length bucket
-    assert len(fast.static_decoding.caches) == 1  # and reuse one preallocated cache
+    assert len(fast.caches) == 1  # and reuse one preallocated cache
 
 
 @needs_static_caches
@@ -1395,13 +1444,12 @@ def test_a_new_batch_with_other_prompt_lengths_does_not_recompile(tiny):
                     reason="inductor on the CPU needs a C++ compiler")
 def test_inductor_compiled_decode_step_draws_the_eager_tokens_and_log_probs(tiny):
     model, tokenizer = tiny
-    fast = copy.deepcopy(model)
-    op.enable_static_decoding(fast)  # the backend --compile uses: inductor's generated C++ on the CPU
+    fast = op.CompiledDecodeStep(6)  # the backend --compile uses: inductor's generated C++ on the CPU
     prompts = ["7+3=", "45+21=", "99+29=", "0+0="]
     try:
         for temperature in (1.0, 0.0):
-            eager, compiled = (op.sample_groups(m, tokenizer, prompts, 4, 6, temperature, noise(16, 6, 4))
-                               for m in (model, fast))
+            eager, compiled = (op.sample_groups(model, tokenizer, prompts, 4, 6, temperature, noise(16, 6, 4), step=step)
+                               for step in (op.decode_step, fast))
             for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
                 assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
             assert (eager.behavior_logp - compiled.behavior_logp).abs().max() < 1e-5
@@ -1420,7 +1468,7 @@ def saved_activation_bytes(model, rollout) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        op.completion_logprobs(model, rollout, 1.0)
+        op.completion_logprobs(model, rollout, 1.0, op.shared_prompt_logits)  # as the update computes them
     return sum(storages.values())
 
 
@@ -1434,7 +1482,7 @@ def test_the_default_micro_batch_keeps_its_activations_within_the_budget(tiny):
         if expected is not None:
             assert rows >= expected
         assert rows % 4 == 0 or rows < 4  # whole groups, or rows of one group when a group does not fit
-        for part in op.micro_batches(rollout, rows):
+        for part in op.micro_batches(rollout.completion_ids.shape[0], rows):
             assert saved_activation_bytes(policy, rollout.rows(part)) <= budget, (budget, rows)
 
 
@@ -1462,18 +1510,19 @@ def test_bf16_keeps_the_generator_and_reference_in_bf16_and_the_policy_in_fp32(t
 def test_a_run_with_compiled_decoding_trains_and_evaluates(tmp_path, monkeypatch):
     counters = []
 
-    def traced_eagerly(model, fall_back=False):
-        from torch._dynamo.testing import CompileCounter
+    class TracedEagerly(op.CompiledDecodeStep):
+        def __init__(self, max_new_tokens, fall_back=False):
+            from torch._dynamo.testing import CompileCounter
 
-        counters.append(CompileCounter())
-        model.static_decoding = op.StaticDecoding(model, backend=counters[-1])
+            counters.append(CompileCounter())
+            super().__init__(max_new_tokens, backend=counters[-1], fall_back=fall_back)
 
-    monkeypatch.setattr(op, "enable_static_decoding", traced_eagerly)
+    monkeypatch.setattr(op, "CompiledDecodeStep", TracedEagerly)
     out = tmp_path / "out"
     assert main(["--out", str(out), *TINY, "--compile", "on"]) == 0
-    assert len(counters) == 2 and all(c.frame_count >= 1 for c in counters)  # the generator and the policy (eval)
+    assert len(counters) == 1 and counters[0].frame_count >= 2  # the generator and the policy (eval)
     (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
-    metrics = op.read_metrics(out / run / "metrics.jsonl")
+    metrics = op.read_lines(out / run / "metrics.jsonl")
     assert len(metrics) == 4 and all(m["micro_batch"] == 16 for m in metrics[1:])  # the tiny model: one pass
     with open(out / run / "config.json") as f:
         assert json.load(f)["decoding"] == {"generator": "compiled", "policy": "compiled"}
@@ -1553,23 +1602,23 @@ def test_centred_loss_ignores_constants_added_to_a_groups_rewards_or_log_ratios(
 
 
 def test_mechanism_and_strong_start_presets_have_their_cells():
-    cells = op.grid_cells(op.parse_config(["--compare", "--preset", "mechanism"]))
+    cells = compare.grid_cells(grid_config(["--preset", "mechanism"]))
     assert len(cells) == (7 + 2 + 1) * 2 * 3
-    labels = {op.cell_label(c) for c in cells}
+    labels = {compare.cell_label(c) for c in cells}
     assert {f"shifted shift={s}" for s in ("-2", "-1", "-0.5", "-0.25", "0", "0.25", "1")} <= labels
     assert {"oapl beta_v=0.2", "oapl beta_v=0.3", "centred"} <= labels and len(labels) == 10
     assert {c.lag for c in cells} == {64, 256} and {c.seed for c in cells} == {1, 2, 3}
     assert all(c.steps == 300 for c in cells)
-    strong = op.grid_cells(op.parse_config(["--compare", "--preset", "strong-start"]))
+    strong = compare.grid_cells(grid_config(["--preset", "strong-start"]))
     assert len(strong) == 5 * 2 * 3 and {c.lag for c in strong} == {1, 64}
-    assert {c.warm_start_steps for c in strong} == {op.STRONG_WARM_START_STEPS}
+    assert {c.warm_start_steps for c in strong} == {compare.STRONG_WARM_START_STEPS}
     assert {c.loss for c in strong} == {"ppo", "tis", "pmd", "oapl", "shifted"}
 
 
 def test_start_accuracy_preset_runs_four_losses_from_five_warm_starts_with_one_budget():
-    cells = op.grid_cells(op.parse_config(["--compare", "--preset", "start-accuracy"]))
+    cells = compare.grid_cells(grid_config(["--preset", "start-accuracy"]))
     assert len(cells) == 4 * 2 * 3 * 5
-    assert {op.cell_label(dataclasses.replace(c, warm_starts="")) for c in cells} == \
+    assert {compare.cell_label(dataclasses.replace(c, warm_starts="")) for c in cells} == \
         {"ppo", "pmd", "oapl beta_v=0.2", "shifted shift=1"}
     assert {c.lag for c in cells} == {1, 64} and {c.seed for c in cells} == {1, 2, 3}
     assert {c.warm_start_steps for c in cells} == {350, 450, 525, 600, 900}
@@ -1577,12 +1626,12 @@ def test_start_accuracy_preset_runs_four_losses_from_five_warm_starts_with_one_b
     assert len({op.run_folder(c) for c in cells}) == len(cells)
 
 
+@pytest.mark.parametrize("flags", [[], ["--length-normalize", "--truncated", "mask"]])
 @pytest.mark.parametrize("loss", ["pmd", "shifted", "oapl", "centred"])
-def test_mean_term_diagnostics_are_logged_and_finite(loss, tmp_path):
-    out = tmp_path / "out"
-    assert main(["--out", str(out), *TINY, "--loss", loss]) == 0
-    (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
-    steps = op.read_metrics(out / run / "metrics.jsonl")[1:]
+def test_mean_term_diagnostics_are_logged_finite_and_split_the_loss_itself(loss, flags, warm_out, tmp_path):
+    out = fresh_out(warm_out, tmp_path)  # the split is taken on the loss's own log-ratios and mask
+    assert main(["--out", str(out), *TINY, "--loss", loss, *flags]) == 0
+    steps = metrics_of(out)[1:]
     keys = ["kl_sequence", "equal_reward_groups", "log_ratio_mean"]
     if loss != "centred":
         keys += ["mean_term_target", "loss_centred", "loss_mean_term"]
@@ -1599,6 +1648,8 @@ def test_mean_term_diagnostics_are_logged_and_finite(loss, tmp_path):
 # Several processes: torchrun with gloo on the CPU, 2 processes of one thread each
 # ---------------------------------------------------------------------------------------------
 PER_PROCESS = TIMINGS | {"micro_batch"}  # micro_batch: rows per pass in each process
+# means over tokens, maxima, and means over the groups that have a target: the mean of the processes' shares'
+SHARE_AVERAGED = PER_PROCESS | {"entropy", "kl_generator_policy", "lambert_c_mean", "p_correct_induced"}
 DDP_RUN = ["--prompts-per-step", "8", "--group-size", "4", "--eval-size", "40", "--eval-every", "2",
            "--warm-start-steps", "120", "--lr", "1e-3"]
 
@@ -1611,10 +1662,10 @@ def ddp_warm_out(tmp_path_factory):
     return out
 
 
-def torchrun(*args, processes=2):
+def torchrun(*args, processes=2, script="offpolicy_pessimism.py"):
     """The script under `torchrun --standalone --nproc_per_node N` (one thread per process)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               os.path.join(HERE, "offpolicy_pessimism.py"), *CPU, *map(str, args)]
+               os.path.join(HERE, script), *CPU, *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -1626,8 +1677,8 @@ def assert_close_metrics(got, expected):
         assert got_line == pytest.approx(expected_line, rel=1e-5, abs=1e-6)
 
 
-def one_thread_main(argv):
-    """op.main in this process with one thread, as each torchrun process runs."""
+def one_thread_main(argv, main=main):
+    """main (the trainer's, or an experiment's) in this process with one thread, as each torchrun process runs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -1638,19 +1689,19 @@ def one_thread_main(argv):
 
 def first_step_gradient(rank, world, port, out, path):
     """One RL step in process `rank` of `world`; rank 0 saves the gradient that AdamW then applied."""
-    process = op.TorchrunProcess(rank, world, rank)
+    processes = op.Processes(rank, world, rank)
     if world > 1:  # a spawned process: what torchrun would set
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        op.join_processes(process, torch.device("cpu"), "gloo")
+        processes.join(torch.device("cpu"), "gloo")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cfg = op.parse_config(["--out", out, *CPU, *DDP_RUN, "--grad-clip", "1e9"])  # no clipping
     train_problems = op.arithmetic_problems(40)[0]
     policy, tokenizer, _ = op.load_model(cfg, train_problems, torch.device("cpu"))  # the cached warm start
-    models = op.prepare_models(cfg, policy, torch.device("cpu"), "fp32", process.world)
+    models = op.prepare_models(cfg, policy, torch.device("cpu"), "fp32")
     prompts = op.random.Random(cfg.seed).sample(train_problems, 8)
-    batch, noise = process.share(prompts, op.step_noise(cfg, 1, len(prompts)))
-    result = op.rl_step(cfg, models, tokenizer, batch, 0, noise, {})
+    batch, noise = processes.share(prompts, op.step_noise(cfg, 1, len(prompts)))
+    result = op.rl_step(cfg, models, tokenizer, batch, 0, noise, {}, processes)
     if rank == 0:
         torch.save({"gradient": [p.grad for p in policy.parameters()], "rewards": result.rewards}, path)
     if world > 1:
@@ -1675,18 +1726,19 @@ def test_two_processes_compute_the_one_process_gradient(ddp_warm_out, tmp_path):
         assert (averaged - full).abs().max() < 1e-5
 
 
-def test_two_processes_write_the_metrics_of_one_process(ddp_warm_out, tmp_path):
+def test_two_processes_write_the_metrics_of_the_whole_batch(ddp_warm_out, tmp_path):
     one, two = fresh_out(ddp_warm_out, tmp_path, "one"), fresh_out(ddp_warm_out, tmp_path, "two")
     assert one_thread_main(["--out", str(one), *DDP_RUN, "--steps", "2"]) == 0
     done = torchrun("--out", two, *DDP_RUN, "--steps", "2")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("final accuracy") == 1  # rank 0 prints the summary
-    first, second = comparable_metrics(one, PER_PROCESS), comparable_metrics(two, PER_PROCESS)
+    first, second = comparable_metrics(one, SHARE_AVERAGED), comparable_metrics(two, SHARE_AVERAGED)
     assert [m["step"] for m in second] == [0, 1, 2] and "eval_accuracy" in second[2]
     assert second[0] == first[0]  # the warm start's accuracy
-    for batch in ("reward_mean", "completion_length", "truncated_fraction", "equal_reward_groups"):
-        assert [m[batch] for m in second[1:]] == [m[batch] for m in first[1:]]  # the same completions
-    assert_close_metrics(second, first)  # the rest to float round-off
+    assert 0 < first[1]["reward_mean"] < 1
+    assert_close_metrics(second, first)  # every mean over completions or groups: the whole batch's
+    two_lines = metrics_of(two)
+    assert all(m["entropy"] > 0 for m in two_lines[1:])  # the per-token means are there, averaged over shares
     assert json.load(open(os.path.join(op.run_folder(op.parse_config(["--out", str(two), *DDP_RUN])),
                                        "config.json")))["processes"] == 2
 
@@ -1700,7 +1752,7 @@ def test_two_processes_resume_a_run_and_one_process_resumes_theirs(ddp_warm_out,
     assert "at step 2" in done.stdout and done.stdout.count("resuming") == 1  # rank 0 says so
     assert one_thread_main(["--out", str(resumed), *DDP_RUN, "--steps", "6", "--resume"]) == 0
     # a checkpoint holds nothing per process:
-    assert_close_metrics(comparable_metrics(resumed, PER_PROCESS), comparable_metrics(straight, PER_PROCESS))
+    assert_close_metrics(comparable_metrics(resumed, SHARE_AVERAGED), comparable_metrics(straight, SHARE_AVERAGED))
 
 
 def test_a_batch_that_does_not_split_across_processes_stops_with_one_line(tmp_path):
@@ -1710,16 +1762,16 @@ def test_a_batch_that_does_not_split_across_processes_stops_with_one_line(tmp_pa
     assert len(errors) == 1 and "--prompts-per-step 3 does not split across 2 processes" in errors[0]
     assert 'offpolicy_pessimism.py", line' not in done.stderr  # no traceback from the script (torchrun's own is there)
     assert os.listdir(tmp_path) == []  # before any work: no warm start, no run folder
-    with pytest.raises(op.UsageError, match="--bench times one process"):
-        op.check_config(op.parse_config(["--bench", "1"]), world=2)
+    with pytest.raises(op.UsageError, match="the benchmark times one process"):
+        bench.check_bench(op.parse_config(["--bench", "1"], bench.BenchConfig), world=2)
 
 
 def test_a_grid_on_two_processes_writes_the_one_process_table(ddp_warm_out, tmp_path):
-    grid = ["--compare", "--losses", "pmd,shifted", "--lags", "1,2", "--seeds", "1", *DDP_RUN, "--steps", "2",
+    grid = ["--losses", "pmd,shifted", "--lags", "1,2", "--seeds", "1", *DDP_RUN, "--steps", "2",
             "--prompts-per-step", "4"]
     one, two = fresh_out(ddp_warm_out, tmp_path, "one"), fresh_out(ddp_warm_out, tmp_path, "two")
-    assert one_thread_main(["--out", str(one), *grid]) == 0
-    done = torchrun("--out", two, *grid)
+    assert one_thread_main(["--out", str(one), *grid], grid_main) == 0
+    done = torchrun("--out", two, *grid, script="experiments/compare.py")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("| shifted shift=1 | 2 |") == 1  # rank 0 prints the table once
 
@@ -1746,7 +1798,7 @@ def test_readme_flags_table_has_every_flag_and_every_choice():
     for name, f in flags.items():
         for choice in f.metadata.get("choices") or ():
             assert not choice or f"`{choice}`" in rows[name], (name, choice)
-    assert all(f"`{preset}`" in rows["--preset"] for preset in op.PRESETS)
+    assert all(f"`{preset}`" in readme() for preset in compare.PRESETS if preset)
 
 
 def test_readme_copy_a_loss_example_runs_as_written():
@@ -1776,16 +1828,15 @@ def failing_compile(model, **kwargs):
 
 
 @needs_static_caches
-def test_a_failing_compiled_step_under_auto_resamples_eagerly_from_the_same_noise(tiny, monkeypatch, capsys):
+def test_a_failing_compiled_step_under_auto_goes_on_with_the_plain_step_and_draws_the_same(tiny, monkeypatch, capsys):
     model, tokenizer = tiny
-    fast = copy.deepcopy(model)
     monkeypatch.setattr(op.torch, "compile", failing_compile)
-    op.enable_static_decoding(fast, fall_back=True)
-    eager, fell_back = (op.sample_groups(m, tokenizer, ["7+3=", "45+21="], 4, 6, 1.0, noise(8, 6))
-                        for m in (model, fast))
+    fast = op.CompiledDecodeStep(6, fall_back=True)
+    eager, fell_back = (op.sample_groups(model, tokenizer, ["7+3=", "45+21="], 4, 6, 1.0, noise(8, 6), step=step)
+                        for step in (op.decode_step, fast))
     for name in ("completion_ids", "completion_mask", "behavior_logp", "truncated"):
         assert torch.equal(getattr(eager, name), getattr(fell_back, name)), name
-    assert not op.decodes_compiled(fast)  # from now on eager: the next batch does not try again
+    assert not fast.compiles(model)  # from now on eager: the next batch does not try again
     (line,) = messages(capsys.readouterr().out)
     assert "compiled decoding failed (RuntimeError: Cannot find a working triton installation)" in line
     assert "--compile off" in line
@@ -1800,7 +1851,7 @@ def test_a_run_whose_compiled_step_fails_logs_the_eager_runs_numbers_under_auto_
             "--group-size", "3", "--max-new-tokens", "5", "--eval-every", "2", "--eval-fraction", "0.25"]
     assert main([*argv, "--out", str(tmp_path / "eager"), "--compile", "off"]) == 0
     monkeypatch.setattr(op.torch, "compile", failing_compile)
-    monkeypatch.setattr(op, "compiled_decoding_wanted", lambda cfg, device: cfg.compile != "off")  # as on a GPU
+    monkeypatch.setattr(op.CompiledDecodeStep, "wanted", staticmethod(lambda cfg, device, say_why=True: cfg.compile != "off"))  # as on a GPU
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "auto"), "--compile", "auto"]) == 0
     assert comparable_metrics(tmp_path / "auto") == comparable_metrics(tmp_path / "eager")
@@ -1816,15 +1867,15 @@ def test_auto_compiles_only_a_model_run_on_cuda_with_triton_and_says_why_not(mon
     triton = importlib.util.find_spec
     monkeypatch.setattr(op.importlib.util, "find_spec", lambda name: object() if name == "triton" else triton(name))
     model_run = op.parse_config(["--model", "some-org/some-model"])
-    assert op.compiled_decoding_wanted(model_run, cuda)
-    assert not op.compiled_decoding_wanted(op.parse_config([]), cuda)  # the built-in model: never worth a compile
-    assert not op.compiled_decoding_wanted(model_run, torch.device("cpu"))
+    assert op.CompiledDecodeStep.wanted(model_run, cuda)
+    assert not op.CompiledDecodeStep.wanted(op.parse_config([]), cuda)  # the built-in model: never worth a compile
+    assert not op.CompiledDecodeStep.wanted(model_run, torch.device("cpu"))
     assert capsys.readouterr().out == ""  # those say nothing
     monkeypatch.setattr(op.importlib.util, "find_spec", lambda name: None if name == "triton" else triton(name))
-    assert not op.compiled_decoding_wanted(model_run, cuda)
+    assert not op.CompiledDecodeStep.wanted(model_run, cuda)
     (line,) = messages(capsys.readouterr().out)
     assert "decoding eagerly: compiled decoding needs Triton" in line and "--compile off" in line
-    assert op.compiled_decoding_wanted(op.parse_config(["--compile", "on"]), torch.device("cpu"))
+    assert op.CompiledDecodeStep.wanted(op.parse_config(["--compile", "on"]), torch.device("cpu"))
 
 
 def test_config_json_records_which_decoding_each_model_used(warm_out, tmp_path, monkeypatch):
@@ -1877,7 +1928,8 @@ def test_a_run_draws_its_curves_and_its_last_lines_say_what_happened(warm_out, t
                               f"mean {sum(before_refresh) / 2:.3f}")
     assert last[2].startswith(f"mass leakage over the last 10 steps: "
                               f"{sum(m['mass_leakage'] for m in metrics[1:]) / 3:.3f}")
-    assert last[3] == f"metrics: {out / run / 'metrics.jsonl'}" and last[4] == f"curves: {out / run / 'curves.png'}"
+    assert last[3] == f"metrics: {out / run / 'metrics.jsonl'}, samples: {out / run / 'samples.jsonl'}"
+    assert last[4] == f"curves: {out / run / 'curves.png'}"
 
 
 def test_without_matplotlib_a_run_ends_with_one_line_saying_how_to_get_its_curves(warm_out, tmp_path, monkeypatch,
@@ -1889,3 +1941,81 @@ def test_without_matplotlib_a_run_ends_with_one_line_saying_how_to_get_its_curve
     assert printed.strip().splitlines()[-1] == ("curves: not drawn, matplotlib is not installed "
                                                 "(pip install matplotlib draws curves.png)")
     assert printed.count("matplotlib is not installed") == 1 and not list(out.rglob("curves.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model writes, and faults in the files a run reads
+# ---------------------------------------------------------------------------------------------
+def test_every_evaluation_appends_scored_samples_and_prints_one(warm_out, tmp_path, capsys):
+    out = fresh_out(warm_out, tmp_path)
+    assert main(["--out", str(out), *TINY, "--steps", "6"]) == 0  # evaluations at steps 3 and 6
+    (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
+    samples = op.read_lines(out / run / "samples.jsonl")
+    assert [s["step"] for s in samples] == [3] * 4 + [6] * 4
+    problems = dict(op.arithmetic_problems(16)[0])
+    for sample in samples:
+        assert set(sample) == {"step", "prompt", "completion", "reward", "answer"}
+        assert sample["answer"] == problems[sample["prompt"]]  # a training prompt with its own answer
+        assert sample["reward"] in (0.0, op.reward(sample["completion"], sample["answer"]))  # 0: cut at 6 tokens
+    printed = [line for line in capsys.readouterr().out.splitlines() if " sample: " in line]
+    assert len(printed) == 2 and printed[0].startswith(f"step 3 sample: {samples[0]['prompt']!r} -> ")
+
+
+def test_resume_drops_the_samples_written_after_the_checkpoint(warm_out, tmp_path):
+    out = fresh_out(warm_out, tmp_path)
+    assert main(["--out", str(out), *TINY, "--steps", "3"]) == 0
+    (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
+    with open(out / run / "samples.jsonl", "a") as f:  # written after the last checkpoint, as if killed
+        f.write(json.dumps({"step": 4, "prompt": "1+1=", "completion": "3", "reward": 0.0, "answer": "2"}) + "\n")
+    assert main(["--out", str(out), *TINY, "--steps", "6", "--resume"]) == 0
+    assert [s["step"] for s in op.read_lines(out / run / "samples.jsonl")] == [3] * 4 + [6] * 4
+
+
+def files_of(folder) -> dict:
+    return {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in folder.rglob("*") if path.is_file()}
+
+
+def test_a_checkpoint_cut_short_stops_the_resume_with_one_line_and_changes_nothing(warm_out, tmp_path, capsys):
+    out = fresh_out(warm_out, tmp_path)
+    assert main(["--out", str(out), *TINY]) == 0
+    (checkpoint,) = out.rglob("checkpoint.pt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    before = files_of(out)
+    capsys.readouterr()
+    assert main(["--out", str(out), *TINY, "--steps", "6", "--resume"]) == 2
+    (err,) = messages(capsys.readouterr().err)
+    assert err.startswith(f"error: --resume: {checkpoint} cannot be read") and "delete" in err
+    assert files_of(out) == before
+
+
+def test_an_out_that_is_a_file_stops_with_one_line(tmp_path, capsys):
+    not_a_folder = tmp_path / "runs"
+    not_a_folder.write_text("my notes")
+    assert main(["--out", str(not_a_folder), *TINY]) == 2
+    (err,) = messages(capsys.readouterr().err)
+    assert err == f"error: --out {not_a_folder} is a file, not a folder; give a folder (it is made if missing)"
+    assert not_a_folder.read_text() == "my notes"
+
+
+def test_a_damaged_cached_warm_start_stops_with_one_line_and_is_left_as_it_is(warm_out, tmp_path, capsys):
+    out = fresh_out(warm_out, tmp_path)
+    (weights,) = out.rglob("model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = files_of(out)
+    assert main(["--out", str(out), *TINY]) == 2
+    (err,) = messages(capsys.readouterr().err)
+    assert err.startswith(f"error: the cached warm start {weights.parent} cannot be read") and "delete" in err
+    assert files_of(out) == before
+
+
+def test_a_fresh_run_says_where_it_runs_before_it_trains_its_warm_start(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "out"), *TINY]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("running on CPU") and "builtin-tiny-llama" in lines[0]
+    assert any(line.startswith("warm start: 30 supervised steps") for line in lines[1:])
+
+
+def test_apo_logs_no_regime_of_eq_2_which_is_anchored_on_mu(warm_out, tmp_path):
+    out = fresh_out(warm_out, tmp_path)
+    assert main(["--out", str(out), *TINY, "--loss", "apo"]) == 0
+    assert not any(key.startswith(("regime_", "p_correct", "loss_centred")) for m in metrics_of(out) for key in m)
