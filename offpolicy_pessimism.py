@@ -32,10 +32,9 @@ What this file leaves out, on purpose:
      completion, so one `--lr` means different step sizes for the two families;
   5. no vLLM or other inference server: the generator is a plain copy of the policy in the same process.
 
-`python offpolicy_pessimism.py` runs offline: a built-in 2-digit addition task and a tiny
-character-level Llama that the script builds and warm-starts itself. `--model` loads any Hugging
-Face causal LM, `--task gsm8k|math|jsonl --data FILE` a math data set, and
-`torchrun --nproc-per-node N` splits a run across N processes. See README.md.
+`python offpolicy_pessimism.py` runs offline: built-in 2-digit additions and a tiny character-level Llama
+it builds and warm-starts itself. `--model` loads any Hugging Face causal LM, `--task gsm8k|math|jsonl
+--data FILE` a math data set; `torchrun --nproc-per-node N` splits a run across N processes. See README.md.
 """
 
 from __future__ import annotations
@@ -893,15 +892,14 @@ def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepRe
     if step_accuracy is not None:
         run.folder.append_samples(run.tokenizer, prompts, result, step)  # a few completions; prints one
         run.folder.save_checkpoint(run, step)
-        run.folder.draw_curves(run.cfg.loss)  # curves.png, when matplotlib is installed
+        draw_curves(run.folder.path, run.cfg.loss)  # curves.png, when matplotlib is installed
 
 
 # ==============================================================================================
 # Appendix: the machinery. Part I calls it by name; each part says why it is here.
 # ==============================================================================================
 # ----------------------------------------------------------------------------------------------
-# Flags: parse the command line, resolve the placeholder defaults, and refuse any setting that
-# cannot work before anything is loaded.
+# Flags: parse the command line, resolve placeholder defaults, refuse what cannot work before any work.
 # ----------------------------------------------------------------------------------------------
 ACTIVATION_BUDGET_GB = 8.0  # --micro-batch 0: activations kept for the backward pass, per micro-batch
 
@@ -925,9 +923,8 @@ class Config(RLConfig):
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's (0: "
                             f"per step, the most whole groups whose activations fit {ACTIVATION_BUDGET_GB:g} GB)")
-    compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA for a "
-                        "--model run when Triton is there, eager if it fails; the built-in model's 6-token "
-                        "completions never repay a compile)", choices=("auto", "on", "off"))
+    compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA for a --model "
+                        "run when Triton is there, eager if it fails)", choices=("auto", "on", "off"))
     out: str = flag("runs", "folder for run sub-folders and the cached warm start")
     device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
@@ -983,8 +980,7 @@ def check_config(cfg: Config, world: int = 1, one_run: bool = True) -> None:
         raise UsageError(f"--clip-eps must be in (0, 1), got {cfg.clip_eps}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if cfg.precision == "bf16" and cfg.device != "cpu" and torch.cuda.is_available() and \
-            not torch.cuda.is_bf16_supported():
+    if cfg.precision == "bf16" and cfg.device != "cpu" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise UsageError("--precision bf16: this GPU has no bf16; use --precision fp32")
     if cfg.model and not os.path.isdir(cfg.model) and cfg.model.startswith((".", "/", "~")):
         raise UsageError(f"--model {cfg.model}: no such directory; give a saved model folder or a hub name")
@@ -1028,25 +1024,17 @@ def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading: Hugging Face models and tokenizers (--model, the built-in tokenizer), version shims, the
-# warm start and its cache, and the line that says where a run runs.
+# Loading: HF models and tokenizers, version shims, the warm start and its cache, where a run runs.
 # ----------------------------------------------------------------------------------------------
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_prompts: bool = False):
     """Any HF causal LM and its tokenizer through `from_pretrained`, fp32 weights (the master copy).
-
-    Completions end at the tokenizer's EOS (the end-of-turn token of chat models such as Qwen2.5 or
-    SmolLM2 Instruct); pad = EOS when the tokenizer has no pad token. plain_prompts drops the chat
-    template, so prompts are fed as raw text.
-    """
-    import transformers
+    Completions end at the tokenizer's EOS (a chat model's end of turn); pad = EOS when there is no pad
+    token. plain_prompts drops the chat template, so prompts are fed as raw text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        dtype_kwarg = "dtype" if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56) \
-            else "torch_dtype"  # renamed in transformers 4.56
         model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                                     **{dtype_kwarg: torch.float32})
+                                                     dtype=torch.float32)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--model {name_or_path}: could not load it ({first_line})") from None
@@ -1059,18 +1047,13 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_pr
     return model, tokenizer
 
 
-
-
-def build_char_tokenizer(vocab_size: int = 0):
-    """A character-level tokenizer for the arithmetic task, as a real `PreTrainedTokenizerFast`;
-    vocab_size > 20 pads it with unused entries (to match a bigger model's vocabulary)."""
+def build_char_tokenizer():
+    """A character-level tokenizer for the arithmetic task, as a real `PreTrainedTokenizerFast`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # installed with transformers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
-    for ch in "0123456789+-=#., ":
-        vocab[ch] = len(vocab)
-    vocab.update({f"<unused{i}>": i for i in range(len(vocab), vocab_size)})
+    vocab.update({ch: len(vocab) + i for i, ch in enumerate("0123456789+-=#., ")})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
     backend.decoder = decoders.Fuse()
@@ -1098,11 +1081,9 @@ def new_cache(model) -> dict:
 
 
 def last_logits_only(model, count: int = 1) -> dict:
-    """The keyword argument that limits the logits to the last `count` positions, as this model takes it
-    (`num_logits_to_keep` before transformers 4.50; none for a model without it: then all positions)."""
-    parameters = inspect.signature(model.forward).parameters
-    name = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
-    return {name: count} if name else {}
+    """The keyword argument that limits the logits to the last `count` positions (none for a model
+    without `logits_to_keep`, which then computes them all)."""
+    return {"logits_to_keep": count} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int = 64, lr: float = 3e-3) -> None:
@@ -1176,8 +1157,8 @@ def save_model_atomically(model, tokenizer, folder: str) -> None:
 
 
 def print_where_it_runs(cfg: Config, model, source: str) -> None:
-    """A run's first line: where it runs, in what precision, on which model, decoding how; and, when
-    --device auto lands on the CPU of a machine with an NVIDIA driver, that torch cannot use its GPU."""
+    """A run's first line: device, precision, model, decoding; and, when --device auto lands on the CPU of a
+    machine with an NVIDIA driver, a line saying that torch cannot use its GPU."""
     device, precision = device_and_precision(cfg)
     decoding = "compiled" if CompiledDecodeStep.wanted(cfg, device, say_why=False) else "eager"
     tqdm.write(f"running on {device_name(device)}, {precision}, {source} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -1369,9 +1350,8 @@ CHECKERS = {"arith": reward, "math": math_reward, "math_verify": math_verify_rew
 
 
 # ----------------------------------------------------------------------------------------------
-# Faster drop-ins and memory: a compiled decode step on a static cache (--compile), one prompt pass per
-# group, bf16 autocast, micro-batches sized by measured activation memory, gradient checkpointing.
-# Each drop-in has the signature of the plain step in Part I, and a test shows both compute the same.
+# Faster drop-ins (each with its plain step's signature; a test shows both compute the same): a compiled
+# decode step on a static cache, one prompt pass per group; bf16, micro-batch sizing, checkpointing.
 # ----------------------------------------------------------------------------------------------
 LENGTH_BUCKET = 128  # --compile: cache lengths are rounded up to a multiple of this, so new batches reuse a graph
 
@@ -1443,7 +1423,6 @@ class CompiledDecodeStep:
     def start(self, model, plain_cache, attention_mask: torch.Tensor) -> dict:
         """The static cache with the prompt's keys and values, and every step's mask: the prompt's, then ones."""
         from transformers import StaticCache
-
         rows, prompt_width = attention_mask.shape[0], plain_cache.get_seq_length()
         length = -(-(prompt_width + self.max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
         key = (id(model), rows, length, plain_cache.layers[0].keys.dtype)
@@ -1503,10 +1482,9 @@ def autocast(device: torch.device, precision: str):
 
 
 def activation_bytes_per_token(model, precision: str) -> float:
-    """Bytes that a forward pass keeps for the backward pass, per completion token, measured: the
-    tensors saved by `completion_logprobs` on one row of 48 and one of 16 completion tokens, parameters
-    excluded, the difference divided by 32 (what does not grow with length, like autocast's bf16
-    copies of the weights, cancels). A prompt token costs less (no logits), so this bounds both."""
+    """Bytes a forward pass keeps for backward per completion token, measured: the tensors saved on a row of
+    48 and one of 16 completion tokens, parameters excluded, the difference / 32 (what does not grow with
+    length cancels). A prompt token costs less (no logits), so this bounds both."""
     device = next(model.parameters()).device
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -1544,11 +1522,9 @@ def auto_micro_batch(rollout: Rollout, group_size: int, bytes_per_token: float,
 
 def speed_and_memory(result: StepResult, tokens: int, device: torch.device) -> dict:
     """A step's timings (sampling, and log-probs plus update) and throughputs, and peak memory."""
-    rollout_seconds = result.seconds["generation"]
-    update_seconds = result.seconds["logprobs"] + result.seconds["update"]
-    return {"rollout_seconds": rollout_seconds, "update_seconds": update_seconds,
-            "rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
-            "update_tokens_per_s": tokens / max(update_seconds, 1e-9), **peak_memory(device)}
+    rollout, update = result.seconds["generation"], result.seconds["logprobs"] + result.seconds["update"]
+    return {"rollout_seconds": rollout, "update_seconds": update, "rollout_tokens_per_s": tokens / max(rollout, 1e-9),
+            "update_tokens_per_s": tokens / max(update, 1e-9), **peak_memory(device)}
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -1576,16 +1552,14 @@ def peak_memory(device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Run files and resume: one folder per setting, metrics and samples appended, checkpoints and warm
-# starts written atomically (write, then rename), so an interrupted run resumes where it stopped.
+# Run files and resume: one folder per setting, lines appended, files written then renamed.
 # ----------------------------------------------------------------------------------------------
 SAMPLES_PER_EVALUATION = 4  # completions appended to samples.jsonl at each evaluation
 NOT_THE_SETTING = ("steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "compile")
 
 
 def run_folder(cfg: Config) -> str:
-    """One folder per setting: the budget (steps, eval cadence), device, memory savers and resume are not part
-    of it, nor any flag an experiment adds to Config."""
+    """One folder per setting: not the budget, device, memory savers, resume, nor an experiment's own flags."""
     settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config) if f.name not in NOT_THE_SETTING}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
@@ -1611,8 +1585,7 @@ class RunFolder:
         self.save_checkpoint(run, 0)
 
     def save_checkpoint(self, run: Run, step: int) -> None:
-        """What a resumed run needs to go on as if it never stopped, written then renamed (the reference is
-        the warm start)."""
+        """What a resumed run needs to go on as if it never stopped (not pi_ref: the warm start), then renamed."""
         models = run.models
         torch.save({"step": step, "policy": models.policy.state_dict(), "generator": models.generator.state_dict(),
                     "optimizer": models.optimizer.state_dict(), "prompt_rng": run.prompt_rng.getstate(),
@@ -1620,8 +1593,7 @@ class RunFolder:
         os.replace(self.checkpoint + ".tmp", self.checkpoint)
 
     def resume(self, run: Run) -> int:
-        """--resume: every process loads the last checkpoint (one that cannot be read stops the run, its files
-        as they were); the first drops the lines written after it."""
+        """--resume: every process loads the last checkpoint; the first drops the lines written after it."""
         try:
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
             run.models.policy.load_state_dict(state["policy"])
@@ -1643,20 +1615,20 @@ class RunFolder:
         append_line(self.metrics, record)
 
     def append_samples(self, tokenizer, prompts: list[tuple[str, str]], result: StepResult, step: int) -> None:
-        """A few of the step's completions, scored, to samples.jsonl, and the first one printed."""
-        samples = samples_of(tokenizer, prompts, result, step)
+        """What the model writes: the first completion of each of the batch's first SAMPLES_PER_EVALUATION
+        prompts, with its reward, appended to samples.jsonl; the first one printed."""
+        group_size, count = result.rewards.shape[1], SAMPLES_PER_EVALUATION
+        texts = completion_texts(tokenizer, result.rollout.rows(slice(0, count * group_size, group_size)))
+        samples = [{"step": step, "prompt": prompt, "completion": text, "reward": result.rewards[i, 0].item(),
+                    "answer": answer} for i, ((prompt, answer), text) in enumerate(zip(prompts, texts))]
         for sample in samples:
             append_line(self.samples, sample)
         shown = samples[0]
         tqdm.write(f"step {step} sample: {shown['prompt'][-80:]!r} -> {shown['completion'][:240]!r}, reward "
                    f"{shown['reward']:g} (answer {shown['answer'][-40:]!r}); more in {self.samples}")
 
-    def draw_curves(self, loss: str) -> None:
-        draw_curves(self.path, loss)
-
     def write_summary(self, run: Run) -> dict:
-        """summary.json: accuracy before and after RL, minutes, the KL to the generator at the end of each
-        stale cycle (the step before a refresh, and the last), mass leakage at the end."""
+        """summary.json: accuracy before and after, minutes, KL(mu || pi) at each stale cycle's end, leakage."""
         cfg, totals = run.cfg, run.totals
         steps = [m for m in read_lines(self.metrics) if "loss" in m]
         cycle_ends = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
@@ -1670,15 +1642,6 @@ class RunFolder:
                    "curves": curves if os.path.exists(curves) else None}
         write_atomically(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=1))
         return summary
-
-
-def samples_of(tokenizer, prompts: list[tuple[str, str]], result: StepResult, step: int,
-               count: int = SAMPLES_PER_EVALUATION) -> list[dict]:
-    """What the model writes: the first completion of each of the batch's first `count` prompts, scored."""
-    group_size = result.rewards.shape[1]
-    texts = completion_texts(tokenizer, result.rollout.rows(slice(0, count * group_size, group_size)))
-    return [{"step": step, "prompt": prompt, "completion": text, "reward": result.rewards[i, 0].item(),
-             "answer": answer} for i, ((prompt, answer), text) in enumerate(zip(prompts, texts))]
 
 
 def where_it_runs(run: Run) -> dict:
@@ -1719,11 +1682,9 @@ def mean(values) -> float:
 
 
 def pyplot(say_if_missing: bool = True):
-    """matplotlib.pyplot, or None (with a message, unless asked not to) when it is not installed: plots are
-    optional."""
+    """matplotlib.pyplot, or None (with a message, unless asked not to) when it is not installed."""
     try:
         import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -1768,9 +1729,8 @@ def draw_curves(folder: str, loss: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Several processes (torchrun): each samples, scores and differentiates its share of every batch; the
-# gradients, evaluation counts and metrics are averaged or summed; the first process writes every file.
-# With one process every method leaves things as they are.
+# Several processes (torchrun): each trains on its share of every batch; gradients, counts and metrics
+# are averaged or summed; the first process writes the files. With one, every method is a no-op.
 # ----------------------------------------------------------------------------------------------
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)  # a warm start or a grid's slowest cell can take hours
 
@@ -1784,14 +1744,12 @@ class Processes:
     quiet: bool = False   # no progress bar (an experiment's cells on processes other than the first)
 
     @staticmethod
-    def from_environment() -> Processes:
-        """This process's place as torchrun's environment gives it; one process without torchrun."""
+    def from_environment() -> Processes:  # torchrun's environment; one process without torchrun
         return Processes(*(int(os.environ.get(name, default)) for name, default in
                            (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
 
     @property
-    def writes(self) -> bool:
-        """The first process writes every file and prints; the others only compute."""
+    def writes(self) -> bool:  # the first process writes every file and prints; the others only compute
         return self.rank == 0
 
     def join(self, device: torch.device, backend: str) -> None:
@@ -1851,7 +1809,7 @@ class Processes:
             dist.barrier()
 
 
-def check_config_on_every_process(cfg: Config, processes: Processes, check=check_config, backend: str = "") -> None:
+def check_on_every_process(cfg: Config, processes: Processes, check=check_config, backend: str = "") -> None:
     """check(cfg, world); with several processes each then joins the group (NCCL on CUDA, else gloo, unless
     given) and they share what they found: a bad setting stops them all before any leaves, the first reports it."""
     if processes.world == 1:
@@ -1898,7 +1856,7 @@ def run_command(argv: list[str] | None, config_class, work, check=check_config, 
     processes = Processes.from_environment()  # one process without torchrun
     try:
         cfg = parse_config(argv, config_class, description)
-        check_config_on_every_process(cfg, processes, check, backend)  # several: then joins the process group
+        check_on_every_process(cfg, processes, check, backend)  # several: then joins the process group
         work(cfg, processes)
         if dist.is_initialized():
             dist.barrier()  # none tears the process group down while the first still writes its files
