@@ -1626,6 +1626,21 @@ def test_start_accuracy_preset_runs_four_losses_from_five_warm_starts_with_one_b
     assert len({op.run_folder(c) for c in cells}) == len(cells)
 
 
+def test_real_model_preset_runs_oapl_and_shifted_at_lags_1_and_16_and_pmd_at_16_with_one_budget(tmp_path, capsys):
+    cells = compare.grid_cells(grid_config(["--preset", "real-model", "--model", str(tmp_path)]))
+    assert sorted((compare.cell_label(c), c.lag) for c in cells) == sorted(
+        (label, lag) for label, lag in [("oapl beta_v=0.2", 1), ("oapl beta_v=0.2", 16), ("shifted shift=1", 1),
+                                        ("shifted shift=1", 16), ("pmd", 16)] for _ in range(3))
+    assert {c.seed for c in cells} == {1, 2, 3} and len({op.run_folder(c) for c in cells}) == 15
+    assert {(c.steps, c.eval_every, c.eval_size, c.prompts_per_step, c.group_size, c.max_new_tokens, c.temperature,
+             c.lr, c.warm_start_steps) for c in cells} == {(48, 16, 200, 8, 8, 24, 0.6, 1e-5, 0)}
+    assert grid_main(["--out", str(tmp_path / "out"), "--preset", "real-model"]) == 2  # no --model
+    assert "--preset real-model needs --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    assert "real-model" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags", [[], ["--length-normalize", "--truncated", "mask"]])
 @pytest.mark.parametrize("loss", ["pmd", "shifted", "oapl", "centred"])
 def test_mean_term_diagnostics_are_logged_finite_and_split_the_loss_itself(loss, flags, warm_out, tmp_path):
@@ -1791,8 +1806,9 @@ def readme() -> str:
         return f.read()
 
 
-def test_readme_flags_table_has_every_flag_and_every_choice():
-    rows = {line.split("|")[1].strip(" `"): line for line in readme().splitlines() if line.startswith("| `--")}
+def test_flags_table_has_every_flag_and_every_choice():
+    with open(os.path.join(HERE, "docs", "flags.md"), encoding="utf-8") as f:
+        rows = {line.split("|")[1].strip(" `"): line for line in f.read().splitlines() if line.startswith("| `--")}
     flags = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(op.Config)}
     assert set(rows) == set(flags)  # no flag missing, none that the script no longer has
     for name, f in flags.items():
@@ -2019,3 +2035,86 @@ def test_apo_logs_no_regime_of_eq_2_which_is_anchored_on_mu(warm_out, tmp_path):
     out = fresh_out(warm_out, tmp_path)
     assert main(["--out", str(out), *TINY, "--loss", "apo"]) == 0
     assert not any(key.startswith(("regime_", "p_correct", "loss_centred")) for m in metrics_of(out) for key in m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside TRL: examples/trl_grpo.py's GRPOTrainer subclass computes our loss on TRL's tensors
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed (pip install trl==1.16.0)")
+@pytest.mark.parametrize("loss", ["shifted", "oapl", "pmd"])
+def test_trl_recipe_trains_on_stale_completions_with_our_loss_and_gradient(loss, tiny, tmp_path, monkeypatch):
+    import trl.trainer.grpo_trainer as grpo_trainer
+
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import trl_grpo as recipe
+
+    model, tokenizer = tiny
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    policy, tokenizer = op.load_pretrained(str(folder))
+    monkeypatch.setattr(grpo_trainer, "shuffle_sequence_dict", lambda batch: batch)  # micro-batches of whole groups
+    dataset = recipe.addition_dataset(32)
+    answers = dict(zip(dataset["prompt"], dataset["answer"]))
+
+    def reward(completions, answer, **kwargs):  # mixed rewards, so every baseline differs from the others
+        return [even_length_checker(completion, reference) for completion, reference in zip(completions, answer)]
+
+    config = recipe.RatioFreeConfig(
+        output_dir=str(tmp_path / "trl"), ratio_free_loss=loss, regression_beta=0.1, shift=1.0, beta_value=0.2,
+        max_steps=3, per_device_train_batch_size=8, gradient_accumulation_steps=1, steps_per_generation=2,  # lag 2
+        num_generations=4, max_completion_length=5, learning_rate=1e-2, beta=0.0, scale_rewards="none", top_p=1.0,
+        top_k=0, save_strategy="no", report_to="none", use_cpu=True, seed=1, gradient_checkpointing=False)
+    trainer = recipe.RatioFreeGRPOTrainer(model=policy, processing_class=tokenizer, reward_funcs=reward, args=config,
+                                          train_dataset=dataset)
+    start = [p.detach().clone() for p in policy.parameters()]
+    checked, original = [], trainer._compute_loss
+
+    def checked_loss(model, inputs):
+        ids, mask = inputs["completion_ids"], inputs["completion_mask"].bool()
+        policy_logp = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([inputs["prompt_ids"], ids], 1), torch.cat([inputs["prompt_mask"], mask.long()], 1),
+            ids.shape[1])[0]
+        behavior_logp = inputs["old_per_token_logps"]  # lag 2: TRL recomputes mu's log-probs
+        texts = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask)]
+        prompts = [tokenizer.decode(row[keep.bool()].tolist(), skip_special_tokens=True)
+                   for row, keep in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
+        rewards = torch.tensor([even_length_checker(t, answers[p]) for t, p in zip(texts, prompts)]).view(-1, 4)
+        ours = {"shifted": lambda: op.shifted_loss(policy_logp, behavior_logp, mask, rewards, 0.1, 1.0),
+                "oapl": lambda: op.oapl_loss(policy_logp, behavior_logp, mask, rewards, 0.1, 0.2),
+                "pmd": lambda: op.pmd_loss(policy_logp, behavior_logp, mask, rewards, 0.1)}[loss]
+        expected, diagnostics = ours()
+        got = original(model, inputs)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert torch.allclose(inputs["advantages"].view(-1, 4), diagnostics["advantages"].float(), atol=1e-6)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        for g_got, g_ours in zip(torch.autograd.grad(got, parameters, retain_graph=True),
+                                 torch.autograd.grad(expected, parameters, retain_graph=True)):
+            assert torch.allclose(g_got, g_ours, atol=1e-6, rtol=1e-4)
+        checked.append(((policy_logp.detach() - behavior_logp).abs().max().item(), rewards))
+        return got
+
+    monkeypatch.setattr(trainer, "_compute_loss", checked_loss)
+    trainer.train()
+    assert len(checked) == 3
+    assert checked[0][0] < 1e-5 and checked[1][0] > 1e-4  # staleness 0, then 1: mu's log-probs are the old policy's
+    assert any(0 < r.mean() < 1 for _, r in checked)
+    assert any((p - s).abs().max() > 0 for p, s in zip(policy.parameters(), start))  # the weights moved
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed (pip install trl==1.16.0)")
+def test_trl_recipe_refuses_settings_that_break_the_loss(tiny, tmp_path):
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import trl_grpo as recipe
+
+    tiny[0].save_pretrained(tmp_path / "tiny-model")
+    tiny[1].save_pretrained(tmp_path / "tiny-model")
+    for bad, message in [({"scale_rewards": "group"}, "scale_rewards must be 'none'"), ({"beta": 0.04}, "KL weight"),
+                         ({"top_p": 0.9}, "sampling must be plain")]:
+        settings = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, num_generations=4,
+                        beta=0.0, scale_rewards="none", top_p=1.0, report_to="none", use_cpu=True)
+        with pytest.raises(ValueError, match=message):
+            recipe.RatioFreeGRPOTrainer(model=str(tmp_path / "tiny-model"), processing_class=tiny[1],
+                                        reward_funcs=recipe.addition_reward,
+                                        args=recipe.RatioFreeConfig(**{**settings, **bad}),
+                                        train_dataset=recipe.addition_dataset(8))
