@@ -992,6 +992,24 @@ def test_grid_mean_term_table_is_the_cells_second_half_of_each_stale_cycle(tmp_p
     assert "| shifted shift=1 | 4 | 0.55 | 0.06 | 0.11 |" in compare.format_mean_term_table([row])
 
 
+def test_grid_evaluations_table_is_the_accuracy_at_each_evaluation_over_seeds():
+    def run(accuracies, kl):
+        lines = [{"step": 0, "eval_accuracy": accuracies[0]}]
+        for step in range(1, 5):
+            lines.append({"step": step, "loss": 0.1, "staleness": (step - 1) % 2, "kl_sequence": kl * step,
+                          "advantage_mean": 0.1, **({"eval_accuracy": accuracies[step // 2]} if step % 2 == 0 else {})})
+        return lines, {}
+
+    (row,) = compare.evaluations_table({("shifted shift=1", 2): [run([0.1, 0.2, 0.4], 0.01), run([0.3, 0.4, 0.6], 0.03)]})
+    assert row["accuracy"] == {0: (pytest.approx(0.2), pytest.approx(0.1)), 2: (pytest.approx(0.3), pytest.approx(0.1)),
+                               4: (pytest.approx(0.5), pytest.approx(0.1))}
+    assert row["kl_before_refresh"] == pytest.approx((0.01 * 3 + 0.03 * 3) / 2)  # steps 2 and 4: staleness 1
+    assert row["advantage_mean"] == pytest.approx(0.1)
+    table = compare.format_evaluations_table([row]).splitlines()
+    assert table[0].startswith("| loss | lag | seeds | step 0 | step 2 | step 4 |")
+    assert table[2] == "| shifted shift=1 | 2 | 2 | 0.200 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.100 | 0.060 | +0.100 |"
+
+
 def test_a_grid_with_several_warm_starts_writes_the_start_sweep_table_and_plot(warm_out, tmp_path):
     out = fresh_out(warm_out, tmp_path)
     assert grid_main(["--out", str(out), *GRID, "--losses", "ppo,oapl", "--lags", "2", "--warm-starts", "0,30"]) == 0

@@ -165,6 +165,8 @@ def run_grid(cfg: GridConfig, processes: Processes = Processes()) -> list[dict] 
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "compare.md"), "w") as f:
         f.write(format_grid_table(rows) + "\n" + (f"\n{format_mean_term_table(mean_term)}\n" if mean_term else ""))
+    with open(os.path.join(cfg.out, "evaluations.md"), "w") as f:
+        f.write(format_evaluations_table(evaluations_table(runs)) + "\n")
     with open(os.path.join(cfg.out, "compare.csv"), "w") as f:
         f.write(",".join(rows[0]) + "\n")
         f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
@@ -258,6 +260,36 @@ def format_mean_term_table(rows: list[dict]) -> str:
              "loss_mean_term | loss_centred |", "|" + "---|" * 7]
     lines += [f"| {r['loss']} | {r['lag']} | {r['target']:.2f} | {r['achieved']:.2f} | {r['kl_sequence']:.2f} | "
               f"{r['loss_mean_term']:.4f} | {r['loss_centred']:.4f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def evaluations_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict]:
+    """Per (loss variant, lag): greedy accuracy at each evaluation (mean and std over seeds), the sequence
+    KL(mu || pi) on the last step before each refresh (staleness lag - 1; 0 at lag 1, where mu is pi) and
+    the mean advantage, each averaged over the run's steps and then over seeds."""
+    rows = []
+    for (label, lag), cell_runs in grouped.items():
+        runs = [metrics for metrics, _ in cell_runs]
+        steps = sorted({m["step"] for run in runs for m in run if "eval_accuracy" in m})
+        at = {step: [m["eval_accuracy"] for run in runs for m in run if m["step"] == step and "eval_accuracy" in m]
+              for step in steps}
+        rows.append({"loss": label, "lag": lag, "seeds": len(runs),
+                     "accuracy": {step: (mean(values), std(values)) for step, values in at.items()},
+                     "kl_before_refresh": mean(mean(m["kl_sequence"] for m in run if "loss" in m and
+                                                    m["staleness"] == lag - 1) for run in runs),
+                     "advantage_mean": mean(mean(m["advantage_mean"] for m in run if "loss" in m) for run in runs)})
+    return rows
+
+
+def format_evaluations_table(rows: list[dict]) -> str:
+    steps = sorted({step for r in rows for step in r["accuracy"]})
+    lines = ["| loss | lag | seeds | " + " | ".join(f"step {step}" for step in steps) +
+             " | KL(mu ‖ pi) before a refresh | mean advantage |", "|" + "---|" * (len(steps) + 5)]
+    for r in rows:
+        accuracy = " | ".join("{:.3f} ± {:.3f}".format(*r["accuracy"][step]) if step in r["accuracy"] else "-"
+                              for step in steps)
+        lines.append(f"| {r['loss']} | {r['lag']} | {r['seeds']} | {accuracy} | {r['kl_before_refresh']:.3f} | "
+                     f"{r['advantage_mean']:+.3f} |")
     return "\n".join(lines)
 
 
