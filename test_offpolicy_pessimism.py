@@ -1877,6 +1877,29 @@ def test_a_failing_compiled_step_under_auto_goes_on_with_the_plain_step_and_draw
 
 
 @needs_static_caches
+def test_a_compiled_step_failing_mid_rollout_hands_its_cache_to_the_plain_step_and_draws_the_same(tiny, monkeypatch):
+    model, tokenizer = tiny
+    calls = []
+
+    def compile_failing_on_the_third_step(model, **kwargs):
+        def compiled(**inputs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("a capture failed mid-rollout")
+            return model(**inputs)  # the static cache, eagerly
+        return compiled
+
+    monkeypatch.setattr(op.torch, "compile", compile_failing_on_the_third_step)
+    fast = op.CompiledDecodeStep(6, fall_back=True)
+    eager, handed_over = (op.sample_groups(model, tokenizer, ["7+3=", "45+21="], 4, 6, 1.0, noise(8, 6), step=step)
+                          for step in (op.decode_step, fast))
+    assert len(calls) == 3 and not fast.compiles(model)  # two static steps, the failure, then the plain step
+    for name in ("completion_ids", "completion_mask", "truncated"):
+        assert torch.equal(getattr(eager, name), getattr(handed_over, name)), name
+    assert (eager.behavior_logp - handed_over.behavior_logp).abs().max() < 1e-5
+
+
+@needs_static_caches
 def test_a_run_whose_compiled_step_fails_logs_the_eager_runs_numbers_under_auto_and_stops_under_on(
         tmp_path, monkeypatch, capsys):
     saved = save_chat_model("llama", tmp_path)
