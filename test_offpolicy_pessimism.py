@@ -1844,9 +1844,11 @@ def test_readme_copy_a_loss_example_runs_as_written():
 
 
 def test_readme_and_script_point_at_nothing_outside_the_project():
-    with open(os.path.join(HERE, "offpolicy_pessimism.py"), encoding="utf-8") as f:
-        script = f.read()
-    for text in (readme(), script):
+    scripts = []
+    for path in ("offpolicy_pessimism.py", "experiments/compare.py", "experiments/bench.py", "examples/trl_grpo.py"):
+        with open(os.path.join(HERE, path), encoding="utf-8") as f:
+            scripts.append(f.read())
+    for text in (readme(), *scripts):
         assert "../shared" not in text and "PAPER.md" not in text
 
 
