@@ -48,6 +48,17 @@ class RatioFreeConfig(GRPOConfig):
     shift: float = field(default=1.0, metadata={"help": "shifted: A = r - mean + shift * beta"})
     length_normalize: bool = field(default=False, metadata={"help": "divide sequence log-ratios by the length"})
 
+    def __post_init__(self):
+        """Refuse, before any model is loaded, the settings under which the loss would not be eq. 1."""
+        super().__post_init__()
+        problems = [f"ratio_free_loss must be one of {', '.join(LOSSES)}"] if self.ratio_free_loss not in LOSSES else []
+        problems += (["scale_rewards must be 'none' (TRL's advantage is then r - mean)"] if self.scale_rewards != "none"
+                     else [])
+        problems += ["beta (TRL's KL weight) must be 0: eq. 1's beta is regression_beta"] if self.beta != 0 else []
+        problems += ["sampling must be plain: top_p 1 and top_k 0"] if self.top_p != 1 or self.top_k else []
+        if problems:
+            raise ValueError("RatioFreeConfig: " + "; ".join(problems))
+
 
 def ratio_free_advantages(centred_rewards: torch.Tensor, cfg: RatioFreeConfig) -> torch.Tensor:
     """A (groups, G) of our losses from TRL's r - mean (groups, G): shifted r - mean + shift * beta, pmd
@@ -63,15 +74,9 @@ class RatioFreeGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with eq. 1's squared regression of beta * log(pi/mu) on our advantage."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        cfg = self.args
-        problems = [f"ratio_free_loss must be one of {', '.join(LOSSES)}"] if cfg.ratio_free_loss not in LOSSES else []
-        problems += ["scale_rewards must be 'none' (TRL's advantage is then r - mean)"] if cfg.scale_rewards != "none" else []
-        problems += ["beta (TRL's KL weight) must be 0: eq. 1's beta is regression_beta"] if cfg.beta != 0 else []
-        problems += ["sampling must be plain: top_p 1 and top_k 0"] if cfg.top_p != 1 or cfg.top_k else []
-        problems += ["one process: TRL may split a group across processes"] if self.accelerator.num_processes > 1 else []
-        if problems:
-            raise ValueError("RatioFreeGRPOTrainer: " + "; ".join(problems))
+        super().__init__(*args, **kwargs)  # args: a RatioFreeConfig, which has refused settings that break eq. 1
+        if self.accelerator.num_processes > 1:
+            raise ValueError("RatioFreeGRPOTrainer: one process (TRL may split a group across processes)")
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)  # rows still in group order here
