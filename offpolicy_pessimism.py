@@ -1494,7 +1494,7 @@ def activation_bytes_per_token(model, precision: str) -> float:
         def keep(tensor):
             if tensor.untyped_storage().data_ptr() not in parameters:
                 storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
+            return tensor.detach()  # not the tensor: a saved output holding its own graph node is a cycle gc never frees
 
         ids = torch.zeros(1, 8 + width, dtype=torch.long, device=device)
         mask = torch.ones_like(ids, dtype=torch.bool)

@@ -3,6 +3,7 @@
 import builtins
 import copy
 import dataclasses
+import gc
 import importlib.util
 import json
 import math
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -1483,11 +1485,22 @@ def saved_activation_bytes(model, rollout) -> int:
     def keep(tensor):
         if tensor.untyped_storage().data_ptr() not in parameters:
             storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         op.completion_logprobs(model, rollout, 1.0, op.shared_prompt_logits)  # as the update computes them
     return sum(storages.values())
+
+
+def test_measuring_the_activations_leaves_the_model_free_to_be_collected():
+    """A grid runs its cells one after another in one process; the probe once kept every cell's
+    parameters and gradients alive (1 GB a cell for a 135M model), so the process ran out of memory."""
+    model, _ = op.builtin_model()
+    op.activation_bytes_per_token(model, "fp32")
+    parameter = weakref.ref(next(model.parameters()))
+    del model
+    gc.collect()
+    assert parameter() is None
 
 
 def test_the_default_micro_batch_keeps_its_activations_within_the_budget(tiny):
