@@ -294,11 +294,13 @@ def format_evaluations_table(rows: list[dict]) -> str:
 
 
 def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> None:
-    """accuracy.png, entropy.png, regimes.png under --out, one panel per lag; skipped without matplotlib."""
+    """accuracy.png (mean +- std over seeds), entropy.png, regimes.png under --out, one panel per lag (means
+    over seeds); skipped without matplotlib."""
     plt = pyplot()
     if plt is None:
         return
     lags = sorted({lag for _, lag in grouped})
+    colour = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for label, _ in grouped))}  # one per loss
     for name, key, title in (("accuracy", "eval_accuracy", "greedy accuracy"), ("entropy", "entropy", "token entropy"),
                              ("regimes", "regime_positive", "fraction of groups with c > 0")):
         figure, axes = plt.subplots(1, len(lags), figsize=(4 * len(lags), 3.2), squeeze=False, sharey=True)
@@ -307,7 +309,11 @@ def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> 
                 points = [m for run, _ in cell_runs for m in run if key in m] if cell_lag == lag else []
                 steps = sorted({m["step"] for m in points})  # the mean over seeds at each step
                 if steps:
-                    axis.plot(steps, [mean([m[key] for m in points if m["step"] == s]) for s in steps], label=label)
+                    at = [[m[key] for m in points if m["step"] == s] for s in steps]
+                    axis.plot(steps, [mean(values) for values in at], label=label, color=colour[label])
+                    if key == "eval_accuracy":  # the spread over seeds: mean +- std
+                        axis.fill_between(steps, [mean(v) - std(v) for v in at], [mean(v) + std(v) for v in at],
+                                          color=colour[label], alpha=0.15, linewidth=0)
             axis.set_title(f"lag {lag}")
             axis.set_xlabel("step")
         axes[0][0].set_ylabel(title)
