@@ -349,7 +349,9 @@ def plot_mechanism(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str
     figure.tight_layout()
     figure.savefig(os.path.join(out, "mean_advantage.png"), dpi=110)
     plt.close(figure)
-    lags, labels = sorted({lag for _, lag in grouped}), list(dict.fromkeys(label for label, _ in grouped))
+    lags, labels = sorted({lag for _, lag in grouped if lag > 1}), list(dict.fromkeys(label for label, _ in grouped))
+    if not lags:  # lag 1 has no stale cycle: mu is pi at every step
+        return
     figure, axes = plt.subplots(1, len(lags), figsize=(4.5 * len(lags) + 2, 3.6), squeeze=False)
     for axis, lag in zip(axes[0], lags):
         for (label, cell_lag), cell_runs in grouped.items():
