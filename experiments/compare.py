@@ -310,10 +310,12 @@ def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> 
                 steps = sorted({m["step"] for m in points})  # the mean over seeds at each step
                 if steps:
                     at = [[m[key] for m in points if m["step"] == s] for s in steps]
-                    axis.plot(steps, [mean(values) for values in at], label=label, color=colour[label])
+                    means, spreads = [mean(values) for values in at], [std(values) for values in at]
+                    axis.plot(steps, means, label=label, color=colour[label])
                     if key == "eval_accuracy":  # the spread over seeds: mean +- std
-                        axis.fill_between(steps, [mean(v) - std(v) for v in at], [mean(v) + std(v) for v in at],
-                                          color=colour[label], alpha=0.15, linewidth=0)
+                        axis.fill_between(steps, [m - s for m, s in zip(means, spreads)],
+                                          [m + s for m, s in zip(means, spreads)], color=colour[label], alpha=0.15,
+                                          linewidth=0)
             axis.set_title(f"lag {lag}")
             axis.set_xlabel("step")
         axes[0][0].set_ylabel(title)
