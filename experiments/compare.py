@@ -39,14 +39,19 @@ class GridConfig(Config):
                            "mechanism = shift sweep, oapl and centred at lags 64/256; strong-start = lags at a "
                            f"{STRONG_WARM_START_STEPS}-step warm start; start-accuracy = ppo/pmd/oapl/shifted at lags "
                            "1/64 from five warm starts (greedy accuracy 0.11 to 0.92); real-model (needs --model) = "
-                           "oapl and shifted at lags 1/16, pmd at 16, 3 seeds, 48 steps of 8 x 8 x 24 tokens",
-                       choices=("", "lags", "regimes", "mechanism", "strong-start", "start-accuracy", "real-model"))
+                           "oapl and shifted at lags 1/16, pmd at 16, 3 seeds, 48 steps of 8 x 8 x 24 tokens; "
+                           "published-temperatures = oapl (beta_v 1), apo (beta_v 0.5), pmd at beta 1e-3, lags "
+                           "1-256, and at lag 64 with lr 1e-5; published-temperatures-real-model (needs --model) = "
+                           "the same three at lag 16 with real-model's settings",
+                       choices=("", "lags", "regimes", "mechanism", "strong-start", "start-accuracy", "real-model",
+                                "published-temperatures", "published-temperatures-real-model"))
     losses: str = flag("ppo,tis,pmd,oapl,shifted", "comma-separated losses")
     lags: str = flag("1,16,64,256", "comma-separated lags")
     seeds: str = flag("1,2,3", "comma-separated seeds")
     beta_values: str = flag("", "comma-separated beta_v for oapl/apo cells (empty: --beta-value)")
     shifts: str = flag("", "comma-separated shifts for shifted cells (empty: --shift)")
     betas: str = flag("", "comma-separated beta for every cell (empty: --beta)")
+    lrs: str = flag("", "comma-separated lr for every cell (empty: --lr)")
     warm_starts: str = flag("", "comma-separated --warm-start-steps, e.g. a weak and a strong start")
 
 
@@ -66,7 +71,16 @@ PRESETS = {
     "real-model": {"losses": "oapl,shifted,pmd", "lags": "1,16", "lags_of": {"pmd": "16"}, "seeds": "1,2,3",
                    "beta_values": "0.2", "shifts": "1", "steps": 48, "eval_every": 16, "eval_size": 200,
                    "prompts_per_step": 8, "group_size": 8, "max_new_tokens": 24, "temperature": 0.6, "lr": 1e-5},
+    # OAPL (beta 1e-3, beta_v 1) and A*-PO (beta 1e-3, beta_v 0.5) at the temperatures of their authors'
+    # released scripts, pmd at the same beta as the control; the lags budget, then lag 64 again with the
+    # authors' smaller steps (lr 1e-5). "and": a second block of cells, the same keys over the first's.
+    "published-temperatures": {"losses": "oapl,apo,pmd", "lags": "1,16,64,256", "seeds": "1,2,3", "betas": "0.001",
+                               "beta_values_of": {"oapl": "1", "apo": "0.5"}, "lrs": "0.0001", "steps": 300,
+                               "and": {"lags": "64", "lrs": "0.00001"}},
 }
+PRESETS["published-temperatures-real-model"] = {
+    **PRESETS["real-model"], "losses": "oapl,apo,pmd", "lags": "16", "lags_of": {}, "betas": "0.001",
+    "beta_values_of": {"oapl": "1", "apo": "0.5"}}
 
 
 def parse_list(text: str, kind, flag_name: str) -> list:
@@ -79,10 +93,14 @@ def parse_list(text: str, kind, flag_name: str) -> list:
     return values
 
 
-def grid_cells(cfg: GridConfig) -> list[GridConfig]:
+def grid_cells(cfg: GridConfig, preset: dict | None = None) -> list[GridConfig]:
     """One Config per cell; oapl/apo cells vary beta_v, shifted cells vary the shift."""
-    preset = dict(PRESETS.get(cfg.preset, {}))
+    flags = cfg
+    preset = dict(PRESETS.get(cfg.preset, {}) if preset is None else preset)
+    second_block = preset.pop("and", None)
     lags_of = {loss: parse_list(text, int, "lags") for loss, text in preset.pop("lags_of", {}).items()}
+    beta_values_of = {loss: parse_list(text, float, "beta-values")
+                      for loss, text in preset.pop("beta_values_of", {}).items()}
     cfg = dataclasses.replace(cfg, **preset)  # lags_of: a loss that runs at some of the lags only
     losses = parse_list(cfg.losses, str, "losses")
     unknown = sorted(set(losses) - set(LOSSES))
@@ -94,23 +112,30 @@ def grid_cells(cfg: GridConfig) -> list[GridConfig]:
     beta_values = parse_list(cfg.beta_values, float, "beta-values") if cfg.beta_values else [cfg.beta_value]
     shifts = parse_list(cfg.shifts, float, "shifts") if cfg.shifts else [cfg.shift]
     betas = parse_list(cfg.betas, float, "betas") if cfg.betas else [cfg.beta]
+    lrs = parse_list(cfg.lrs, float, "lrs") if cfg.lrs else [cfg.lr]
     warm_starts = parse_list(cfg.warm_starts, int, "warm-starts") if cfg.warm_starts else [cfg.warm_start_steps]
-    if min(beta_values) <= 0 or min(betas) <= 0:
-        raise UsageError(f"--beta-values and --betas must all be positive, got {cfg.beta_values!r}, {cfg.betas!r}")
+    if min(beta_values) <= 0 or min(betas) <= 0 or min(lrs) < 0:
+        raise UsageError(f"--beta-values and --betas must all be positive and --lrs not negative, got "
+                         f"{cfg.beta_values!r}, {cfg.betas!r}, {cfg.lrs!r}")
     if min(warm_starts) < -1:
         raise UsageError(f"--warm-starts must all be at least -1, got {cfg.warm_starts}")
     cells = []
     for warm_start_steps in warm_starts:
         for beta in betas:
-            for loss in losses:
-                for lag in (lag for lag in lags if lag in lags_of.get(loss, lags)):
-                    variants = ([{"beta_value": v} for v in beta_values] if loss in ("oapl", "apo") else
-                                [{"shift": v} for v in shifts] if loss == "shifted" else [{}])
-                    for variant in variants:
-                        for seed in seeds:
-                            cells.append(resolve_defaults(dataclasses.replace(
-                                cfg, preset="", loss=loss, lag=lag, seed=seed, beta=beta,
-                                warm_start_steps=warm_start_steps, **variant)))
+            for lr in lrs:
+                for loss in losses:
+                    for lag in (lag for lag in lags if lag in lags_of.get(loss, lags)):
+                        variants = ([{"beta_value": v} for v in beta_values_of.get(loss, beta_values)]
+                                    if loss in ("oapl", "apo") else
+                                    [{"shift": v} for v in shifts] if loss == "shifted" else [{}])
+                        for variant in variants:
+                            for seed in seeds:
+                                cells.append(resolve_defaults(dataclasses.replace(
+                                    cfg, preset="", loss=loss, lag=lag, seed=seed, beta=beta, lr=lr,
+                                    warm_start_steps=warm_start_steps, **variant)))
+    if second_block:  # the preset's second block of cells: its keys over the first's
+        first = {key: value for key, value in PRESETS[flags.preset].items() if key != "and"}
+        cells += grid_cells(flags, {**first, **second_block})
     return cells
 
 
@@ -119,6 +144,7 @@ def cell_label(cell: Config) -> str:
     extra = f" beta_v={cell.beta_value:g}" if cell.loss in ("oapl", "apo") else (
         f" shift={cell.shift:g}" if cell.loss == "shifted" else "")
     extra += f" beta={cell.beta:g}" if cell.betas else ""
+    extra += f" lr={cell.lr:g}" if cell.lrs else ""
     extra += f" warm={cell.warm_start_steps}" if cell.warm_starts else ""
     return f"{cell.loss}{extra}"
 
@@ -127,8 +153,8 @@ def check_grid(cfg: GridConfig, world: int = 1) -> None:
     """The trainer's checks for its cells (each a one-process run), then the grid's lists."""
     if cfg.resume:
         raise UsageError("a grid resumes unfinished cells and skips finished ones by itself; drop --resume")
-    if cfg.preset == "real-model" and not cfg.model:
-        raise UsageError("--preset real-model needs --model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct or its folder")
+    if "real-model" in cfg.preset and not cfg.model:
+        raise UsageError(f"--preset {cfg.preset} needs --model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct or its folder")
     check_config(cfg, 1, one_run=False)
     grid_cells(cfg)  # raises UsageError for a bad list
 
