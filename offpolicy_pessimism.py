@@ -10,40 +10,47 @@ as we read it, and the control `centred`). With x a prompt, y one of its G compl
 its reward:
 
     eq. 1   L(theta) = E_x E_{y ~ mu} [ (beta * log(pi(y)/mu(y)) - A(x, y))^2 ],   A = r - b(x)
-    eq. 2   pi_c(y) = mu(y) * W0(c * exp(A(y)/beta)) / c,   c chosen so that sum_y pi_c(y) = 1
+    eq. 2   pi_c(y) = mu(y) * W(c * exp(A(y)/beta)) / c,   c chosen so that sum_y pi_c(y) = 1
 
-eq. 2 minimises eq. 1 over distributions (W0: the principal Lambert-W branch): c > 0 is the
-pessimistic regime, c = 0 the Boltzmann target mu exp(A/beta) / Z, c < 0 the fragile one.
+eq. 2 is eq. 1's minimiser over distributions on a group's G samples (W: a real Lambert-W branch):
+c > 0 is the pessimistic regime, c = 0 the Boltzmann target mu exp(A/beta) / Z, c < 0 the negative one.
+Once c * exp(max A / beta) would have to fall below -1/e, the principal branch W0 cannot normalise; the
+minimiser then puts one sample on the other branch W_-1, with most of the mass: the target collapses onto
+one completion (`induced_target`).
 
 Part I, the algorithm, reads alone, in the order the data flows: config, task and reward, model, the
-lagged generator (a plain decode loop on the KV cache), the policy's log-probs (one plain forward),
+lagged generator (a plain decode loop on the KV cache), the policy's log-probs (a plain forward),
 advantages, the losses (each with its equation), diagnostics, one RL step (backward in micro-batches),
-the training loop. Below the line `# Appendix` is the machinery it calls by name: flags, loading and
-warm starts, the math-answer checker, the faster drop-ins (a compiled decode step, one prompt pass per
-group; a test shows each computes what the plain step does), run files, several processes, `main`.
-Experiments built on it live beside it: `experiments/compare.py` (grids of losses x lags x seeds,
-tables, plots) and `experiments/bench.py` (seconds per step, tokens/s, memory, MFU).
+the training loop. It is the code that runs, but for two faster drop-ins that `prepare_models` swaps in on
+two visible lines, each with its plain function's signature and a test that both compute the same: the
+update runs `shared_prompt_logits` (a group's prompt computed once, not G times), and on a GPU sampling
+runs a compiled decode step. Below the line `# Appendix` is the machinery: flags, loading and warm
+starts, the math-answer checker, the drop-ins, run files and `main`. Experiments built on it live beside
+it: `experiments/compare.py` (grids of losses x lags x seeds, tables, plots), `experiments/targets.py`
+(eq. 2's targets for one group, drawn), `experiments/bench.py` (seconds per step, tokens/s, memory, MFU).
 
 What this file leaves out, on purpose:
-  1. one optimizer step per sampled batch: pi/mu differs from 1 only through the lag (no PPO epochs);
+  1. one optimizer step per sampled batch (no PPO epochs): pi/mu differs from 1 through the lag, and
+     under bf16 through rounding too (the generator is stored in bf16, the policy in fp32 under autocast:
+     `log_ratio_abs_mean` at staleness 0 is that floor);
   2. no KL-to-reference penalty (A*-PO is anchored on pi_ref through its loss, not through a penalty);
   3. no learning-rate schedule or warm-up: AdamW at a constant `--lr`, no weight decay;
   4. ppo and tis average over tokens, while the eq. 1 losses and reinforce sum log-probs over the
      completion, so one `--lr` means different step sizes for the two families;
-  5. no vLLM or other inference server: the generator is a plain copy of the policy in the same process.
+  5. no vLLM or other inference server: the generator is a plain copy of the policy in the same process;
+  6. one process on one device: for several GPUs, `examples/trl_grpo.py` runs these losses inside TRL.
 
 `python offpolicy_pessimism.py` runs offline: built-in 2-digit additions and a tiny character-level Llama
 it builds and warm-starts itself. `--model` loads any Hugging Face causal LM, `--task gsm8k|math|jsonl
---data FILE` a math data set; `torchrun --nproc-per-node N` splits a run across N processes. See README.md.
+--data FILE` a math data set. See README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import datetime
+import errno
 import hashlib
 import importlib.util
 import inspect
@@ -55,34 +62,30 @@ import re
 import shutil
 import sys
 import time
-import weakref
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 LOSSES = ("ppo", "tis", "reinforce", "oapl", "apo", "pmd", "shifted", "centred")
 TASKS = ("arith", "gsm8k", "math", "jsonl")
-BUILTIN_WARM_START_STEPS = 600  # supervised steps that bring the tiny model to 0.635 greedy accuracy
+BUILTIN_WARM_START_STEPS = 600  # supervised steps that teach the built-in model the task's format before RL
+ACTIVATION_BUDGET_GB = 8.0  # --micro-batch 0: activations kept for the backward pass, per micro-batch
 
 
-# ==============================================================================================
-# Part I: the algorithm
-# ==============================================================================================
 # ----------------------------------------------------------------------------------------------
-# Config: every field is a command-line flag (`--prompts-per-step` for `prompts_per_step`).
+# Config: every field is a command-line flag (`--prompts-per-step` for `prompts_per_step`), as in CleanRL's Args.
 # ----------------------------------------------------------------------------------------------
 def flag(default, help: str, **argparse_kwargs):
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 @dataclass
-class RLConfig:
-    """The algorithm's flags (`Config`, appendix, adds task, model, speed, files); placeholder defaults are
-    resolved in one place, `resolve_defaults`."""
+class Config:
+    """Every flag: the algorithm's, then the task and model's, then speed, memory and files. Placeholder
+    defaults (0, -1, auto) are resolved in one place, `resolve_defaults` (appendix)."""
     loss: str = flag("shifted", "objective; shifted is the paper's beta-shifted mean, as we read it", choices=LOSSES)
     lag: int = flag(16, "optimizer steps between generator refreshes (1 = on-policy)")
     steps: int = flag(300, "optimizer steps of RL")
@@ -102,11 +105,46 @@ class RLConfig:
     lr: float = flag(0.0, "AdamW learning rate (0: 1e-4 for the built-in model, 1e-6 with --model, TRL's default)")
     grad_clip: float = flag(1.0, "clip the gradient norm to this value")
     seed: int = flag(1, "seed for prompts and sampling")
-    warm_start_steps: int = flag(-1, f"supervised steps on correct answers before RL (-1: {BUILTIN_WARM_START_STEPS} built-in, 0 with --model)")
+    warm_start_steps: int = flag(-1, "supervised steps on correct answers before RL "
+                                 f"(-1: {BUILTIN_WARM_START_STEPS} for the built-in model, 0 with --model)")
     eval_size: int = flag(200, "held-out problems for greedy accuracy")
     eval_every: int = flag(25, "evaluate (and checkpoint) every N steps")
+    task: str = flag("arith", "built-in addition, or a JSONL data set given by --data", choices=TASKS)
+    data: str = flag("", "JSONL training problems for --task gsm8k / math / jsonl")
+    eval_data: str = flag("", "JSONL held-out problems (empty: hold out --eval-fraction of --data)")
+    eval_fraction: float = flag(0.1, "share of --data held out for evaluation when --eval-data is not given")
+    question_field: str = flag("", "JSONL field with the problem (empty: problem for --task math, else question)")
+    answer_field: str = flag("answer", "JSONL field with the answer, a worked solution (#### / \\boxed{}) or "
+                             "the bare answer")
+    checker: str = flag("auto", "reward: arith (last number), math (our parser), math_verify (pip install "
+                        "math-verify); auto = arith for --task arith, else math",
+                        choices=("auto", "arith", "math", "math_verify"))
+    model: str = flag("", "Hugging Face causal LM name or path (empty: the built-in tiny model)")
+    plain_prompts: bool = flag(False, "--model: feed the raw prompt, not the tokenizer's chat template")
+    trust_remote_code: bool = flag(False, "--model: allow the model's own code from the hub (off unless asked)")
+    precision: str = flag("auto", "matmul precision: bf16 autocast (fp32 weights and log-softmax), or fp32; "
+                          "auto = bf16 on a CUDA GPU that has it", choices=("auto", "fp32", "bf16"))
+    grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's (0: "
+                            f"per step, the most whole groups whose activations fit {ACTIVATION_BUDGET_GB:g} GB)")
+    compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA for a --model "
+                        "run when Triton is there, eager if it fails)", choices=("auto", "on", "off"))
+    out: str = flag("runs", "folder for run sub-folders and the cached warm start")
+    device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
 
 
+class UsageError(Exception):
+    """Bad input: reported as one line before any work starts."""
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
+
+
+# ==============================================================================================
+# Part I: the algorithm
+# ==============================================================================================
 # ----------------------------------------------------------------------------------------------
 # Task and reward: 2-digit additions, and a reward that reads the completion's last number.
 # ----------------------------------------------------------------------------------------------
@@ -122,27 +160,6 @@ def reward(completion: str, answer: str) -> float:
     `=46`, `+46.0`), else 0.0; it parses, never executes. Data tasks: the math-answer checker (appendix)."""
     numbers = re.findall(r"[-+]?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)", completion)
     return float(bool(numbers) and Fraction(numbers[-1]) == Fraction(answer))
-
-
-# ----------------------------------------------------------------------------------------------
-# Model: a tiny character-level Llama built in code (`load_model`, appendix: --model, the warm start).
-# ----------------------------------------------------------------------------------------------
-def build_tiny_model(tokenizer, seed: int = 0):
-    """A 4-layer, 64-wide Llama (about 0.26M parameters) initialised with a fixed seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    return LlamaForCausalLM(config)
-
-
-def builtin_model():
-    tokenizer = build_char_tokenizer()
-    return build_tiny_model(tokenizer), tokenizer
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,60 +202,79 @@ def mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def sampling_noise(key: str, rows: int, max_new_tokens: int) -> torch.Tensor:
-    """The uniforms (rows, max_new_tokens) that `sample_token` turns into tokens, float64 on the CPU,
-    a function of `key` alone: a step's draws do not depend on the device, on when sampling stops,
-    or on how the rows are split across processes (each takes its rows of the same tensor)."""
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids per prompt: one user turn and the assistant header when the tokenizer has a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [tokenizer(p).input_ids for p in prompts]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]  # the template has its BOS
+
+
+def new_kv_cache(model) -> tuple[str, object]:
+    """An empty KV cache and the keyword the model takes it by (`cache` from transformers 5, `past_key_values`
+    before); each forward appends its keys and values to it in place."""
+    from transformers import DynamicCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with_config = "config" in inspect.signature(DynamicCache.__init__).parameters  # per-layer cache types
+    return name, DynamicCache(config=model.config) if with_config else DynamicCache()
+
+
+def last_logits_only(model, count: int = 1) -> dict:
+    """The keyword argument that limits the logits to the last `count` positions (none for a model
+    without `logits_to_keep`, which then computes them all)."""
+    return {"logits_to_keep": count} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def fixed_uniforms(key: str, rows: int, columns: int) -> torch.Tensor:
+    """Uniforms in [0, 1) (rows, columns), float64 on the CPU, from a generator seeded by a hash of `key`
+    ("seed|step"). Why not torch.multinomial: fixed uniforms per step let a resumed run, a replayed step
+    and the compiled drop-in draw the same tokens, on any device."""
     seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
-    return torch.rand(rows, max_new_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.rand(rows, columns, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def step_noise(cfg: Config, step: int, prompts: int) -> torch.Tensor:
-    """A training step's uniforms, G rows per prompt, keyed by (--seed, step): a resumed run draws the same."""
-    return sampling_noise(f"{cfg.seed}|{step}", prompts * cfg.group_size, cfg.max_new_tokens)
-
-
-def sample_token(logp: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """One token per row drawn from exp(logp) (rows, V) by inverse CDF, given one uniform per row (rows,)."""
-    cdf = logp.exp().double().cumsum(-1)  # summed in float64: exact enough for the rarest tokens
-    return torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
-
-
-def decode_step(model, cache: dict, token: torch.Tensor, attention_mask: torch.Tensor,
-                position: torch.Tensor) -> torch.Tensor:
+def next_token_logits(model, cache_argument: dict, token: torch.Tensor, attention_mask: torch.Tensor,
+                      position: torch.Tensor) -> torch.Tensor:
     """The last token of every row (rows, 1) in, the next logits (rows, V) out in fp32; the model appends its
-    keys and values to `cache`. `CompiledDecodeStep` (appendix, --compile) is the drop-in."""
+    keys and values to the cache in `cache_argument`. `CompiledDecodeStep` (appendix) is the drop-in."""
     return model(input_ids=token, attention_mask=attention_mask.long(), position_ids=position, use_cache=True,
-                 **cache).logits[:, -1].float()
+                 **cache_argument).logits[:, -1].float()
 
 
 @torch.no_grad()
 def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, eos_id: int,
-                       pad_id: int, noise: torch.Tensor | None, repeats: int = 1, step=decode_step) -> Rollout:
-    """Sample `repeats` completions per prompt (rows prompt-major) with the KV cache; temperature 0 is
-    greedy (noise None), else noise holds each row's uniforms (rows, >= max_new_tokens), see `sampling_noise`.
+                       pad_id: int, uniforms: torch.Tensor | None, repeats: int = 1,
+                       next_logits=next_token_logits) -> Rollout:
+    """Sample `repeats` completions per prompt (rows prompt-major) with the KV cache. Temperature 0 is greedy
+    (uniforms None); else token t of row i is drawn from uniforms[i, t] (rows, >= max_new_tokens).
 
-    Each prompt runs once, its KV cache copied to its `repeats` rows, then `step` until every row has ended.
-    behavior_logp[t] = log_softmax(logits_t / temperature)[y_t] in fp32: exactly the distribution y_t was
-    drawn from, so `policy_logp - behavior_logp` is the true per-token log-ratio."""
+    Each prompt runs once, its keys and values copied to its `repeats` rows, then one token at a time until
+    every row has ended. behavior_logp[t] = log_softmax(logits_t / temperature)[y_t] in fp32: exactly the
+    distribution y_t was drawn from, so `policy_logp - behavior_logp` is the true per-token log-ratio."""
     device = next(model.parameters()).device
-    unique_prompt, unique_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
-    cache = new_cache(model)  # {"cache" or "past_key_values": an empty DynamicCache}, filled by the model
+    unique_prompt, unique_mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))  # (prompts, P)
+    cache_name, kv_cache = new_kv_cache(model)
     out = model(input_ids=unique_prompt, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
-                use_cache=True, **cache, **last_logits_only(model))  # the prompt's last position is sampled from
-    next(iter(cache.values())).batch_repeat_interleave(repeats)  # each prompt's keys and values on its rows
-    logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)
-    prompt, attention_mask = unique_prompt.repeat_interleave(repeats, 0), unique_mask.repeat_interleave(repeats, 0)
-    rows, prompt_mask = prompt.shape[0], attention_mask
-    next_position = position_ids(prompt_mask)[:, -1:] + 1
-    noise = None if temperature == 0 else noise.to(device)
-    tokens, logps = [], []
+                use_cache=True, **{cache_name: kv_cache}, **last_logits_only(model))  # the last position predicts y_0
+    kv_cache.batch_repeat_interleave(repeats)  # each prompt's keys and values, copied to its `repeats` rows
+    logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)  # (N, V), N = prompts * repeats
+    prompt, prompt_mask = unique_prompt.repeat_interleave(repeats, 0), unique_mask.repeat_interleave(repeats, 0)
+    attention_mask, next_position = prompt_mask, position_ids(prompt_mask)[:, -1:] + 1  # (N, P), (N, 1)
+    uniforms = None if temperature == 0 else uniforms.to(device)
+    rows = prompt.shape[0]
+    tokens, logps = [], []  # one (N,) tensor per position
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
-        token = sample_token(logp, noise[:, t]) if temperature > 0 else logits.argmax(-1)
-        token_logp = logp.gather(-1, token[:, None]).squeeze(-1)
+        logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)  # (N, V) fp32
+        if temperature > 0:  # inverse CDF: the first token whose cumulative probability passes the uniform
+            cdf = logp.exp().double().cumsum(-1)  # (N, V), summed in float64: exact enough for the rarest tokens
+            token = torch.searchsorted(cdf, uniforms[:, t, None] * cdf[:, -1:], right=True).squeeze(-1)  # (N,)
+        else:
+            token = logits.argmax(-1)  # (N,)
+        token_logp = logp.gather(-1, token[:, None]).squeeze(-1)  # (N,)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         logps.append(torch.where(finished, torch.zeros_like(token_logp), token_logp))
@@ -247,20 +283,21 @@ def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, 
         finished |= just_ended
         if finished.all() or t == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = step(model, cache, token[:, None], attention_mask, next_position)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # (N, P + t + 1)
+        logits = next_logits(model, {cache_name: kv_cache}, token[:, None], attention_mask, next_position)  # (N, V)
         next_position = next_position + 1
-    completion_ids = torch.stack(tokens, dim=1)
+    completion_ids = torch.stack(tokens, dim=1)  # (N, T), T <= max_new_tokens
     completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
     behavior_logp = torch.stack(logps, dim=1) * completion_mask
     return Rollout(prompt, prompt_mask, completion_ids, completion_mask, behavior_logp, ~finished)
 
 
 def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
-                  temperature: float, noise: torch.Tensor, staleness: int = 0, step=decode_step) -> Rollout:
+                  temperature: float, uniforms: torch.Tensor, staleness: int = 0,
+                  next_logits=next_token_logits) -> Rollout:
     """G completions per prompt from the (possibly stale) generator; the batch carries its staleness."""
     rollout = sample_completions(generator, encode_prompts(tokenizer, prompts), max_new_tokens, temperature,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id, noise, group_size, step)
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, uniforms, group_size, next_logits)
     rollout.staleness = staleness
     return rollout
 
@@ -296,23 +333,25 @@ def completion_logprobs(model, rollout: Rollout, temperature: float, logits_of=c
 
     Columns that are padding in every row are dropped first, the logits come from `logits_of` (the plain
     `completion_logits` or its drop-in), and log pi(y_t) = logit(y_t) - logsumexp(logits) is taken
-    chunk_rows rows at a time: no fp32 log-softmax over the whole (N, T, V) batch is ever materialised.
+    chunk_rows rows at a time. That bounds the fp32 temporaries of the forward pass; the backward still
+    keeps every chunk's fp32 logits, so the memory saved for it is the same at any chunk size.
     """
     first_prompt_column = int(rollout.prompt_mask.any(0).int().argmax())  # left padding in every row
     width = int(rollout.completion_mask.sum(-1).max())                     # right padding in every row
     completion_ids, completion_mask = rollout.completion_ids[:, :width], rollout.completion_mask[:, :width]
     logits = logits_of(model, rollout.prompt_ids[:, first_prompt_column:],
-                       rollout.prompt_mask[:, first_prompt_column:], completion_ids, completion_mask)
-    token_logp, entropy = [], []
+                       rollout.prompt_mask[:, first_prompt_column:], completion_ids, completion_mask)  # (N, width, V)
+    token_logp, entropy = [], []  # (chunk_rows, width) each
     for chunk, chunk_ids in zip(logits.split(chunk_rows), completion_ids.split(chunk_rows)):
         chunk = chunk.float() / temperature
         log_normalizer = torch.logsumexp(chunk, dim=-1)
         token_logp.append(chunk.gather(-1, chunk_ids[..., None]).squeeze(-1) - log_normalizer)
         with torch.no_grad():
             entropy.append(log_normalizer - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
-    padding = (0, rollout.completion_ids.shape[1] - width)
+    padding = (0, rollout.completion_ids.shape[1] - width)  # back to (N, T)
     token_logp = F.pad(torch.cat(token_logp) * completion_mask, padding)
     return token_logp, F.pad(torch.cat(entropy) * completion_mask, padding)
+
 
 # ----------------------------------------------------------------------------------------------
 # Advantages: one small function per baseline. rewards: (groups, G); outputs broadcast to it.
@@ -449,9 +488,9 @@ def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor)
             "clip_fraction": clipped.float().mean().item()}
 
 
-def loss_mask(cfg: Config, rollout: Rollout) -> torch.Tensor:
+def loss_mask(truncated: str, rollout: Rollout) -> torch.Tensor:
     """The tokens the loss sums over (N, T): the completion's, none of a cut completion's with --truncated mask."""
-    if cfg.truncated == "mask":
+    if truncated == "mask":
         return rollout.completion_mask & ~rollout.truncated[:, None]
     return rollout.completion_mask
 
@@ -459,7 +498,7 @@ def loss_mask(cfg: Config, rollout: Rollout) -> torch.Tensor:
 def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=None, ref_value=None):
     """The loss chosen by --loss with its hyper-parameters. With --truncated mask, completions cut at
     --max-new-tokens carry no gradient (their mask is empty) but still count in their group's baseline."""
-    mask, behavior_logp, norm = loss_mask(cfg, rollout), rollout.behavior_logp, cfg.length_normalize
+    mask, behavior_logp, norm = loss_mask(cfg.truncated, rollout), rollout.behavior_logp, cfg.length_normalize
     if cfg.loss == "ppo":
         return ppo_loss(policy_logp, behavior_logp, mask, rewards, cfg.clip_eps)
     if cfg.loss == "tis":
@@ -472,9 +511,11 @@ def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=N
         return apo_loss(policy_logp, ref_logp, mask, rewards, ref_value, cfg.beta, norm)
     if cfg.loss == "pmd":
         return pmd_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
+    if cfg.loss == "shifted":
+        return shifted_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.shift, norm)
     if cfg.loss == "centred":
         return centred_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
-    return shifted_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.shift, norm)
+    raise ValueError(f"unknown loss {cfg.loss!r}; choose from {', '.join(LOSSES)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,22 +627,23 @@ def mass_leakage(policy_sequence_logp: torch.Tensor, behavior_sequence_logp: tor
     return {"mass_leakage": sum(ratios) / len(ratios), "generator_mass_sampled": sum(covered) / len(covered)}
 
 
-def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.device) -> dict:
+def step_metrics(cfg: Config, step: int, result: StepResult) -> dict:
     """One line of metrics.jsonl (README, "Reading metrics.jsonl"): the batch as the policy saw it
-    before the update, the loss's own diagnostics, the regime and mean-term diagnostics, timings.
-    The regimes are those of eq. 2 on the G samples from mu, so apo (anchored on pi_ref) has none."""
-    rollout, rewards, mask = result.rollout, result.rewards, result.rollout.completion_mask
-    advantages = result.diagnostics["advantages"].detach()
-    policy_sequence_logp = sequence_sum(result.policy_logp, mask)
-    behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)
-    token_log_ratio = (result.policy_logp - rollout.behavior_logp)[mask]
-    sequence_log_ratio = policy_sequence_logp - behavior_sequence_logp  # d_i = log pi/mu of each completion
+    before the update, the loss's own diagnostics, the regime and mean-term diagnostics. The regimes
+    are those of eq. 2 on the G samples from mu, so apo (anchored on pi_ref) has none."""
+    rollout, rewards, mask = result.rollout, result.rewards, result.rollout.completion_mask  # (groups, G), (N, T)
+    advantages = result.diagnostics["advantages"].detach()                                   # (groups, G)
+    policy_sequence_logp = sequence_sum(result.policy_logp, mask)                            # (N,)
+    behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)                       # (N,)
+    token_log_ratio = (result.policy_logp - rollout.behavior_logp)[mask]                     # (tokens,)
+    sequence_log_ratio = policy_sequence_logp - behavior_sequence_logp  # (N,) d_i = log pi/mu of each completion
     tokens = int(mask.sum())
     record = {
         "step": step, "staleness": rollout.staleness, "loss": result.loss.item(), "reward_mean": rewards.mean().item(),
         "advantage_mean": advantages.mean().item(), "grad_norm": result.grad_norm.item(),
         "entropy": result.entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
         "log_ratio_mean": sequence_log_ratio.mean().item(),
+        "log_ratio_abs_mean": sequence_log_ratio.abs().mean().item(),  # at staleness 0: the rounding floor
         "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
         "kl_sequence": (sequence_log_ratio.clamp(max=20).exp() - 1 - sequence_log_ratio).mean().item(),
         "equal_reward_groups": (rewards == rewards[:, :1]).all(-1).float().mean().item(),
@@ -610,13 +652,12 @@ def step_metrics(cfg: Config, step: int, result: StepResult, device: torch.devic
     }
     if cfg.loss in ("oapl", "pmd", "shifted"):  # anchored on mu, a baseline per group (apo's anchor is pi_ref)
         record.update(regime_diagnostics(advantages, rewards, cfg.beta))
-        loss_log_ratio = sequence_sum(result.policy_logp - rollout.behavior_logp, loss_mask(cfg, rollout),
-                                      cfg.length_normalize)  # the log-ratios the loss regressed: the parts sum to it
+        loss_log_ratio = sequence_sum(result.policy_logp - rollout.behavior_logp, loss_mask(cfg.truncated, rollout),
+                                      cfg.length_normalize)  # (N,) the log-ratios the loss regressed: the parts sum to it
         centred, mean_term = regression_split(loss_log_ratio.view_as(rewards), advantages, cfg.beta)
         record.update(mean_term_target=(group_mean(advantages) / cfg.beta).mean().item(),
                       loss_centred=centred.item(), loss_mean_term=mean_term.item())
-    record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch,
-                  **speed_and_memory(result, tokens, device))
+    record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch)
     return record
 
 
@@ -649,12 +690,13 @@ class ModelsAndOptimizer:
     generator: torch.nn.Module         # mu: a frozen copy, refreshed every `lag` steps
     reference: torch.nn.Module | None  # pi_ref, the policy as RL started (A*-PO only)
     optimizer: torch.optim.Optimizer
-    precision: str                     # fp32, or bf16 autocast
-    decode_step: object = decode_step  # sampling's decode step: the plain one, or its compiled drop-in
-    bytes_per_token: float = 0.0       # activations kept for backward, per token: sizes --micro-batch 0
+    precision: str                          # fp32, or bf16 autocast
+    next_logits: object = next_token_logits  # sampling's decode step: the plain one, or its compiled drop-in
+    logits_of: object = completion_logits    # the update's completion logits: the plain forward, or its drop-in
+    bytes_per_token: float = 0.0             # activations kept for backward, per token: sizes --micro-batch 0
 
 
-def prepare_models(cfg: Config, policy, device: torch.device, precision: str) -> ModelsAndOptimizer:
+def prepare_models(cfg: Config, policy, tokenizer, device: torch.device, precision: str) -> ModelsAndOptimizer:
     """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
     same log-probs), its generator mu, the reference pi_ref (A*-PO only) and the optimizer. With bf16 the
     copies are stored in bf16: they only sample and score, and autocast rounds weights to bf16 anyway."""
@@ -664,30 +706,36 @@ def prepare_models(cfg: Config, policy, device: torch.device, precision: str) ->
     reference = frozen_copy(policy).to(copy_dtype) if cfg.loss == "apo" else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     models = ModelsAndOptimizer(policy, generator, reference, optimizer, precision)
+    # The two faster drop-ins, each with the plain function's signature and a test that both compute the same:
+    models.logits_of = shared_prompt_logits  # completion_logits with a group's prompt run once, not G times
+    models.next_logits = compiled_decoding_if_wanted(cfg, generator, tokenizer, device)  # --compile, on a GPU
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(policy)
-    if CompiledDecodeStep.wanted(cfg, device):  # --compile: the drop-in for decode_step, same tokens (a test)
-        models.decode_step = CompiledDecodeStep(cfg.max_new_tokens, fall_back=cfg.compile == "auto")
     if cfg.micro_batch == 0:
         models.bytes_per_token = activation_bytes_per_token(policy, precision)
     return models
 
 
-def reference_values(reference, tokenizer, batch, cache: dict, cfg: Config, step=decode_step) -> torch.Tensor:
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the matmuls (weights, log-softmax and losses stay fp32), or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def reference_values(reference, tokenizer, batch, values: dict, cfg: Config, checker=reward,
+                     next_logits=next_token_logits) -> torch.Tensor:
     """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref (seeded by the
-    prompt, so V_ref does not depend on when it is first needed), then cached."""
-    new = [(p, a) for p, a in dict(batch).items() if p not in cache]
+    prompt, so V_ref does not depend on when it is first needed), then kept in `values` {prompt: V_ref}."""
+    new = [(p, a) for p, a in dict(batch).items() if p not in values]
     if new:
-        noise = torch.cat([sampling_noise(f"{cfg.seed}|reference|{p}", cfg.group_size, cfg.max_new_tokens)
-                           for p, _ in new])
+        uniforms = torch.cat([fixed_uniforms(f"{cfg.seed}|reference|{p}", cfg.group_size, cfg.max_new_tokens)
+                              for p, _ in new])
         rollout = sample_groups(reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, noise, step=step)
-        rewards = score(tokenizer, rollout, [a for _, a in new], cfg.group_size, CHECKERS[cfg.checker],
-                        zero_truncated=cfg.truncated == "zero")
-        values = soft_value(rewards, cfg.beta_value)
-        cache.update({p: v for (p, _), v in zip(new, values.squeeze(-1).tolist())})
+                                cfg.temperature, uniforms, next_logits=next_logits)
+        rewards = score(tokenizer, rollout, [a for _, a in new], cfg.group_size, checker,
+                        zero_truncated=cfg.truncated == "zero")  # (new prompts, G)
+        values.update({p: v for (p, _), v in zip(new, soft_value(rewards, cfg.beta_value).squeeze(-1).tolist())})
     device = next(reference.parameters()).device
-    return torch.tensor([cache[p] for p, _ in batch], device=device)[:, None]
+    return torch.tensor([values[p] for p, _ in batch], device=device)[:, None]
 
 
 def seconds_since(tick: float, device: torch.device) -> float:
@@ -703,25 +751,38 @@ def micro_batches(rows: int, micro_batch: int) -> list[slice]:
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
+def auto_micro_batch(rollout: Rollout, group_size: int, bytes_per_token: float,
+                     budget_bytes: float = ACTIVATION_BUDGET_GB * 1e9) -> int:
+    """--micro-batch 0: the most whole groups whose activations fit the budget (a group is one prompt
+    pass plus G completions), or, when one group does not fit, the most rows that do (at least 1)."""
+    rows = rollout.completion_ids.shape[0]
+    prompt_width = int(rollout.prompt_mask.any(0).sum())          # columns left after trimming
+    completion_width = int(rollout.completion_mask.sum(-1).max())
+    group_bytes = (prompt_width + group_size * completion_width) * bytes_per_token
+    if group_bytes <= budget_bytes:
+        return min(rows, group_size * int(budget_bytes // group_bytes))
+    return max(1, int(budget_bytes // ((prompt_width + completion_width) * bytes_per_token)))
+
+
 def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micro_batch: int, loss_of,
-                              precision: str = "fp32"):
+                              precision: str = "fp32", logits_of=completion_logits):
     """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
 
-    Why the gradient is the full batch's: every loss here is a mean over completions of a per-completion
-    term (the advantages depend on the rewards alone; centred's also on its group's log-ratios, so it
-    takes micro-batches of whole groups). The full-batch gradient is therefore the sum, over
-    micro-batches, of the gradient of the full-batch loss in which only that micro-batch's rows carry
-    the graph (the other rows enter as constants). No rescaling is needed, and only one micro-batch's
-    activations are alive at a time. Returns the full-batch (loss, diagnostics) and the detached
-    (policy_logp, entropy), both (N, T).
+    Why the gradient is the full batch's: each loss here is a mean over completions of a term that depends
+    on that completion's log-probs alone (the advantages depend on the rewards alone), except centred's,
+    which depends on its whole group's, so centred takes micro-batches of whole groups. Each pass computes
+    the full-batch loss with this micro-batch's log-probs carrying the graph and zeros, with no graph, in
+    the other rows: its gradient is exactly this micro-batch's share of the full-batch gradient, since the
+    other rows' terms do not touch these rows. The shares add up to the full gradient with no rescaling,
+    and only one micro-batch's activations are alive at a time. Returns the full-batch (loss, diagnostics)
+    and the detached (policy_logp, entropy), both (N, T).
     """
     device = rollout.completion_ids.device
-    policy_logp, entropy = torch.zeros_like(rollout.behavior_logp), torch.zeros_like(rollout.behavior_logp)
+    policy_logp, entropy = torch.zeros_like(rollout.behavior_logp), torch.zeros_like(rollout.behavior_logp)  # (N, T)
     for part in micro_batches(rollout.completion_ids.shape[0], micro_batch):
-        with autocast(device, precision):  # the drop-in for completion_logits: a group's prompt runs once
-            part_logp, entropy[part] = completion_logprobs(policy, rollout.rows(part), temperature,
-                                                           logits_of=shared_prompt_logits)
-        with_graph = torch.cat([policy_logp[:part.start], part_logp, policy_logp[part.stop:]])
+        with autocast(device, precision):
+            part_logp, entropy[part] = completion_logprobs(policy, rollout.rows(part), temperature, logits_of)
+        with_graph = torch.cat([policy_logp[:part.start], part_logp, policy_logp[part.stop:]])  # (N, T)
         loss, _ = loss_of(with_graph)
         loss.backward()
         policy_logp[part] = part_logp.detach()
@@ -745,38 +806,37 @@ class StepResult:
 
 
 def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tuple[str, str]], staleness: int,
-            noise: torch.Tensor, ref_values: dict, processes: Processes | None = None) -> StepResult:
+            uniforms: torch.Tensor, ref_values: dict, checker=reward) -> StepResult:
     """One optimizer step: G completions per prompt from the generator (first refreshed from the policy, in
-    place, when staleness is 0), rewards, loss, backward, AdamW; `processes` train on the batch's other shares."""
+    place, when staleness is 0), rewards, loss, backward, AdamW. uniforms: (prompts * G, max_new_tokens)."""
     policy, generator, optimizer, precision = models.policy, models.generator, models.optimizer, models.precision
     device, seconds, tick = next(policy.parameters()).device, {}, time.perf_counter()
     if staleness == 0:
         refresh_generator(generator, policy)
     with autocast(device, precision):
         rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, noise, staleness, models.decode_step)
-        ref_value = None if models.reference is None else reference_values(models.reference, tokenizer, batch,
-                                                                           ref_values, cfg, models.decode_step)
-    rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, CHECKERS[cfg.checker],
+                                cfg.temperature, uniforms, staleness, models.next_logits)  # N = prompts * G rows
+        ref_value = None if models.reference is None else reference_values(  # (groups, 1)
+            models.reference, tokenizer, batch, ref_values, cfg, checker, models.next_logits)
+    rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, checker,
                     zero_truncated=cfg.truncated == "zero")  # (groups, G)
     seconds["generation"], tick = seconds_since(tick, device), time.perf_counter()
 
     micro_batch = cfg.micro_batch or auto_micro_batch(rollout, cfg.group_size, models.bytes_per_token)
     if cfg.loss == "centred":  # its loss couples a group's completions: micro-batches of whole groups
-        micro_batch = -(-micro_batch // cfg.group_size) * cfg.group_size
+        micro_batch = math.ceil(micro_batch / cfg.group_size) * cfg.group_size
     ref_logp = None
     if models.reference is not None:  # the only extra pass: behaviour log-probs were recorded while sampling
         with torch.no_grad(), autocast(device, precision):
             ref_logp = torch.cat([completion_logprobs(models.reference, rollout.rows(part), cfg.temperature,
-                                                      logits_of=shared_prompt_logits)[0]
-                                  for part in micro_batches(rollout.completion_ids.shape[0], micro_batch)])
+                                                      models.logits_of)[0]
+                                  for part in micro_batches(rollout.completion_ids.shape[0], micro_batch)])  # (N, T)
     seconds["logprobs"], tick = seconds_since(tick, device), time.perf_counter()
 
     optimizer.zero_grad(set_to_none=True)
     loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
         policy, rollout, cfg.temperature, micro_batch,
-        lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision)
-    (processes or Processes()).average_gradients(policy)  # several processes: the mean of their shares' gradients
+        lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision, models.logits_of)
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss.item()}")
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
@@ -791,16 +851,17 @@ def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tupl
 # ----------------------------------------------------------------------------------------------
 # Training loop: start (or resume), then every step refresh-or-not, sample, score, update, log.
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
 def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256,
-             checker=reward, processes: Processes | None = None, step=decode_step) -> float:
-    """Greedy accuracy on held-out problems (several processes: each takes its batches, counts are summed)."""
-    processes, correct = processes or Processes(), 0.0  # one process: every batch, nothing to sum
-    for start in processes.batch_starts(len(problems), batch_size):
+             checker=reward, next_logits=next_token_logits) -> float:
+    """Greedy accuracy on held-out problems, in batches."""
+    correct = 0.0
+    for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
         rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
-                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None, step=step)
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None, next_logits=next_logits)
         correct += score(tokenizer, rollout, [a for _, a in batch], 1, checker).sum().item()
-    return processes.sum(correct, next(model.parameters()).device) / len(problems)
+    return correct / len(problems)
 
 
 @dataclass
@@ -811,7 +872,7 @@ class Run:
     tokenizer: object
     train_problems: list[tuple[str, str]]
     eval_problems: list[tuple[str, str]]
-    processes: Processes      # the processes that share each batch (the first one writes the files)
+    checker: object           # reward(completion, answer) -> 0.0 or 1.0
     folder: RunFolder         # the run's folder under --out and its files
     source: str               # where the policy at the start of RL came from
     device: torch.device
@@ -821,24 +882,22 @@ class Run:
     evals: list[float] = field(default_factory=list)            # greedy accuracy at each evaluation so far
 
 
-def start_run(cfg: Config, problems: tuple[list, list] | None, processes: Processes) -> tuple[Run, int]:
+def start_run(cfg: Config, problems: tuple[list, list] | None = None) -> tuple[Run, int]:
     """The run and the step it starts after: 0 (having evaluated the warm start), or its checkpoint's."""
     device, precision = device_and_precision(cfg)
     train_problems, eval_problems = problems or load_task(cfg)
     if len(train_problems) < cfg.prompts_per_step:
         raise UsageError(f"{len(train_problems)} training problems are fewer than --prompts-per-step "
                          f"{cfg.prompts_per_step}")
-
-    with processes.rank_zero_first():  # a warm start is built once and cached; the other processes load it
-        policy, tokenizer, source = load_model(cfg, train_problems, device, say_where_it_runs=processes.writes)
-    models = prepare_models(cfg, policy, device, precision)
-    run = Run(cfg, models, tokenizer, train_problems, eval_problems, processes, RunFolder(cfg), source, device,
+    folder = RunFolder(cfg).claim(cfg.resume)  # this process's alone until it exits; a second one stops with one line
+    policy, tokenizer, source = load_model(cfg, train_problems, device, say_where_it_runs=True)
+    models = prepare_models(cfg, policy, tokenizer, device, precision)
+    run = Run(cfg, models, tokenizer, train_problems, eval_problems, CHECKERS[cfg.checker], folder, source, device,
               prompt_rng=random.Random(cfg.seed))
     if cfg.resume:
         return run, run.folder.resume(run)
     run.evals.append(accuracy(run))
-    if processes.writes:
-        run.folder.write_start(run)  # config.json, the step-0 line of metrics.jsonl, the first checkpoint
+    run.folder.write_start(run)  # config.json, the step-0 line of metrics.jsonl, the first checkpoint
     return run, 0
 
 
@@ -847,52 +906,33 @@ def accuracy(run: Run) -> float:
     cfg = run.cfg
     with autocast(run.device, run.models.precision):
         return evaluate(run.models.policy, run.tokenizer, run.eval_problems, cfg.max_new_tokens,
-                        cfg.prompts_per_step * cfg.group_size, CHECKERS[cfg.checker], run.processes, run.models.decode_step)
+                        cfg.prompts_per_step * cfg.group_size, run.checker, run.models.next_logits)
 
 
-def train(cfg: Config, problems: tuple[list, list] | None = None, processes: Processes | None = None) -> dict | None:
-    """One run (several processes: each on its share of every batch; the first writes the files and
-    returns the summary, the others None)."""
-    processes = processes or Processes()  # one process, unless several were started
-    run, start_step = start_run(cfg, problems, processes)
+def train(cfg: Config, problems: tuple[list, list] | None = None, quiet: bool = False) -> dict:
+    """One run, from its warm start or its last checkpoint to --steps; returns summary.json's contents."""
+    run, start_step = start_run(cfg, problems)
     started = time.time() - run.totals["seconds"]
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run.folder.path), initial=start_step,
-               total=cfg.steps, dynamic_ncols=True, disable=not processes.writes or processes.quiet)
+               total=cfg.steps, dynamic_ncols=True, disable=quiet)
     for step in bar:
         # 1. the generator is refreshed from the policy every `lag` steps (staleness 0), stale in between;
         # 2. it samples, the completions are scored, the policy is updated
         staleness = (step - 1) % cfg.lag
-        prompts = run.prompt_rng.sample(run.train_problems, cfg.prompts_per_step)
-        batch, noise = processes.share(prompts, step_noise(cfg, step, len(prompts)))  # one process: all of it
+        batch = run.prompt_rng.sample(run.train_problems, cfg.prompts_per_step)
+        uniforms = fixed_uniforms(f"{cfg.seed}|{step}", len(batch) * cfg.group_size, cfg.max_new_tokens)
         try:
-            result = rl_step(cfg, run.models, run.tokenizer, batch, staleness, noise, run.ref_values, processes)
+            result = rl_step(cfg, run.models, run.tokenizer, batch, staleness, uniforms, run.ref_values, run.checker)
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error} at step {step}; the last good checkpoint stays in "
                                    f"{run.folder.checkpoint}")
         step_accuracy = accuracy(run) if step % cfg.eval_every == 0 or step == cfg.steps else None
-        # 3. the step's metrics: diagnostics on the batch as the policy saw it (several processes: of every share)
-        record = processes.mean_over_processes(step_metrics(cfg, step, result, run.device), run.device)
-        if processes.writes:
-            log_step(run, step, prompts, result, record, step_accuracy, started)
-            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{run.evals[-1]:.3f}", stale=staleness)
+        # 3. the step's metrics: diagnostics on the batch as the policy saw it, then timings and memory
+        record = {**step_metrics(cfg, step, result), **speed_and_memory(result, run.device)}
+        log_step(run, step, batch, result, record, step_accuracy, started)
+        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{run.evals[-1]:.3f}", stale=staleness)
     bar.close()
-    return run.folder.write_summary(run) if processes.writes else None
-
-
-def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepResult, record: dict,
-             step_accuracy: float | None, started: float) -> None:
-    """The step's line of metrics.jsonl; at an evaluation its accuracy, samples, checkpoint and curves."""
-    run.totals["rollout_seconds"] += result.seconds["generation"]
-    run.totals["rollout_tokens"] += int(result.rollout.completion_mask.sum())
-    if step_accuracy is not None:
-        record["eval_accuracy"] = step_accuracy
-        run.evals.append(step_accuracy)
-    run.folder.append_metrics(record)
-    run.totals["seconds"] = time.time() - started
-    if step_accuracy is not None:
-        run.folder.append_samples(run.tokenizer, prompts, result, step)  # a few completions; prints one
-        run.folder.save_checkpoint(run, step)
-        draw_curves(run.folder.path, run.cfg.loss)  # curves.png, when matplotlib is installed
+    return run.folder.write_summary(run)
 
 
 # ==============================================================================================
@@ -901,43 +941,6 @@ def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepRe
 # ----------------------------------------------------------------------------------------------
 # Flags: parse the command line, resolve placeholder defaults, refuse what cannot work before any work.
 # ----------------------------------------------------------------------------------------------
-ACTIVATION_BUDGET_GB = 8.0  # --micro-batch 0: activations kept for the backward pass, per micro-batch
-
-
-@dataclass
-class Config(RLConfig):
-    """Every command-line flag of a run: RLConfig's, then the task and model's, then speed, memory and files."""
-    task: str = flag("arith", "built-in addition, or a JSONL data set given by --data", choices=TASKS)
-    data: str = flag("", "JSONL training problems for --task gsm8k / math / jsonl")
-    eval_data: str = flag("", "JSONL held-out problems (empty: hold out --eval-fraction of --data)")
-    eval_fraction: float = flag(0.1, "share of --data held out for evaluation when --eval-data is not given")
-    question_field: str = flag("", "JSONL field with the problem (empty: problem for --task math, else question)")
-    answer_field: str = flag("answer", "JSONL field with the answer, a worked solution (#### / \\boxed{}) or the bare answer")
-    checker: str = flag("auto", "reward: arith (last number), math (our parser), math_verify (pip install "
-                        "math-verify); auto = arith for --task arith, else math", choices=("auto", "arith", "math", "math_verify"))
-    model: str = flag("", "Hugging Face causal LM name or path (empty: the built-in tiny model)")
-    plain_prompts: bool = flag(False, "--model: feed the raw prompt, not the tokenizer's chat template")
-    trust_remote_code: bool = flag(False, "--model: allow the model's own code from the hub (off unless asked)")
-    precision: str = flag("auto", "matmul precision: bf16 autocast (fp32 weights and log-softmax), or fp32; "
-                          "auto = bf16 on a CUDA GPU that has it", choices=("auto", "fp32", "bf16"))
-    grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
-    micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's (0: "
-                            f"per step, the most whole groups whose activations fit {ACTIVATION_BUDGET_GB:g} GB)")
-    compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA for a --model "
-                        "run when Triton is there, eager if it fails)", choices=("auto", "on", "off"))
-    out: str = flag("runs", "folder for run sub-folders and the cached warm start")
-    device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line before any work starts."""
-
-
-class TrainingDiverged(Exception):
-    """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
-
-
 def parse_config(argv: list[str] | None = None, config_class=Config, description: str | None = None):
     """The flags of `config_class` (Config, or an experiment's subclass of it), defaults resolved."""
     parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
@@ -965,9 +968,9 @@ def resolve_defaults(cfg: Config) -> Config:
         checker=cfg.checker if cfg.checker != "auto" else ("math" if data_task else "arith"))
 
 
-def check_config(cfg: Config, world: int = 1, one_run: bool = True) -> None:
-    """Raise UsageError for any setting that cannot work, before anything is loaded or built. world: the
-    processes that share each batch; one_run: a run of its own (not an experiment's cell or step)."""
+def check_config(cfg: Config, one_run: bool = True) -> None:
+    """Raise UsageError for any setting that cannot work, before anything is loaded or built. one_run: a run
+    of its own (not an experiment's cell), whose folder must be new, or hold a checkpoint for --resume."""
     at_least = {"lag": 1, "steps": 1, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 1,
                 "eval_size": 1, "eval_every": 1, "warm_start_steps": 0, "micro_batch": 0}
     for name, low in at_least.items():
@@ -1003,16 +1006,8 @@ def check_config(cfg: Config, world: int = 1, one_run: bool = True) -> None:
     if cfg.compile == "on" and not static_decoding_supported():
         raise UsageError("--compile on needs transformers >= 5.4 (a StaticCache written in order); upgrade it or use "
                          "--compile off")
-    if not one_run:
-        return
-    if world > 1 and cfg.prompts_per_step % world:
-        raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} does not split across {world} processes; "
-                         f"make it a multiple of {world} (it is the batch of all processes together)")
-    folder = RunFolder(cfg)
-    if cfg.resume and not os.path.exists(folder.checkpoint):
-        raise UsageError(f"--resume: no checkpoint in {folder.path}; run once without --resume first")
-    if not cfg.resume and os.path.exists(folder.metrics):
-        raise UsageError(f"{folder.path} already holds a run; pass --resume to continue it, or delete the folder")
+    if one_run:
+        RunFolder(cfg).check_start(cfg.resume)
 
 
 def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
@@ -1024,7 +1019,7 @@ def device_and_precision(cfg: Config) -> tuple[torch.device, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading: HF models and tokenizers, version shims, the warm start and its cache, where a run runs.
+# Loading: HF models and tokenizers, the warm start and its cache, where a run runs.
 # ----------------------------------------------------------------------------------------------
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_prompts: bool = False):
     """Any HF causal LM and its tokenizer through `from_pretrained`, fp32 weights (the master copy).
@@ -1061,29 +1056,21 @@ def build_char_tokenizer():
                                    eos_token="<eos>")
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids per prompt: one user turn and the assistant header when the tokenizer has a chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return [tokenizer(p).input_ids for p in prompts]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]  # the template has its BOS
+def build_tiny_model(tokenizer, seed: int = 0):
+    """A 4-layer, 64-wide Llama (about 0.26M parameters) initialised with a fixed seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
 
 
-def new_cache(model) -> dict:
-    """An empty KV cache as the keyword argument the model takes (`cache` in recent transformers,
-    `past_key_values` before); the model fills it in place, so later calls pass the same object."""
-    from transformers import DynamicCache
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with_config = "config" in inspect.signature(DynamicCache.__init__).parameters  # per-layer cache types
-    return {name: DynamicCache(config=model.config) if with_config else DynamicCache()}
-
-
-def last_logits_only(model, count: int = 1) -> dict:
-    """The keyword argument that limits the logits to the last `count` positions (none for a model
-    without `logits_to_keep`, which then computes them all)."""
-    return {"logits_to_keep": count} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+def builtin_model():
+    tokenizer = build_char_tokenizer()
+    return build_tiny_model(tokenizer), tokenizer
 
 
 def warm_start(model, tokenizer, problems, steps: int, device, batch_size: int = 64, lr: float = 3e-3) -> None:
@@ -1132,8 +1119,9 @@ def load_model(cfg: Config, train_problems, device, say_where_it_runs: bool = Fa
     model.to(device)
     started = time.time()
     warm_start(model, tokenizer, train_problems, steps, device)
-    save_model_atomically(model, tokenizer, cache_dir)  # a half-written warm start is never picked up
-    tqdm.write(f"warm start: {steps} supervised steps in {time.time() - started:.0f}s, cached in {cache_dir}")
+    saved = save_model_atomically(model, tokenizer, cache_dir)  # a half-written warm start is never picked up
+    tqdm.write(f"warm start: {steps} supervised steps in {time.time() - started:.0f}s, " +
+               (f"cached in {cache_dir}" if saved else f"the same as the one another process cached in {cache_dir}"))
     return model, tokenizer, cache_dir
 
 
@@ -1147,20 +1135,29 @@ def warm_start_folder(cfg: Config, source: str, steps: int) -> str:
     return os.path.join(cfg.out, f"warmstart_{hashlib.sha1(key.encode()).hexdigest()[:8]}")
 
 
-def save_model_atomically(model, tokenizer, folder: str) -> None:
-    """save_pretrained into folder.tmp, then rename: a half-written model is never picked up."""
-    tmp_dir = folder + ".tmp"
+def save_model_atomically(model, tokenizer, folder: str) -> bool:
+    """save_pretrained into a temporary folder of this process's own, then rename: a half-written model is
+    never picked up, and when another process built the same folder first (the same command started twice),
+    its copy stays and ours is dropped (returns False)."""
+    tmp_dir = f"{folder}.tmp{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
-    os.replace(tmp_dir, folder)
+    try:
+        os.replace(tmp_dir, folder)
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return False
+    return True
 
 
 def print_where_it_runs(cfg: Config, model, source: str) -> None:
     """A run's first line: device, precision, model, decoding; and, when --device auto lands on the CPU of a
     machine with an NVIDIA driver, a line saying that torch cannot use its GPU."""
     device, precision = device_and_precision(cfg)
-    decoding = "compiled" if CompiledDecodeStep.wanted(cfg, device, say_why=False) else "eager"
+    decoding = "compiled" if compiled_decoding_wanted(cfg, device, say_why=False) else "eager"
     tqdm.write(f"running on {device_name(device)}, {precision}, {source} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                f"parameters), {decoding} decoding")
     if cfg.device == "auto" and device.type == "cpu" and nvidia_driver_present():
@@ -1350,106 +1347,11 @@ CHECKERS = {"arith": reward, "math": math_reward, "math_verify": math_verify_rew
 
 
 # ----------------------------------------------------------------------------------------------
-# Faster drop-ins (each with its plain step's signature; a test shows both compute the same): a compiled
-# decode step on a static cache, one prompt pass per group; bf16, micro-batch sizing, checkpointing.
 # ----------------------------------------------------------------------------------------------
-LENGTH_BUCKET = 128  # --compile: cache lengths are rounded up to a multiple of this, so new batches reuse a graph
-
-
-def static_decoding_supported() -> bool:
-    """Static caches written in order (prompt first, then one slot per token): transformers 5.4 and later."""
-    try:
-        from transformers.cache_utils import StaticLayer
-    except ImportError:
-        return False
-    return hasattr(StaticLayer(max_cache_len=1), "cumulative_length")
-
-
-class CompiledDecodingFailed(Exception):
-    """--compile on: the compiled decode step failed; the run stops with one line."""
-
-
-class CompiledDecodeStep:
-    """--compile: the drop-in for `decode_step`. It decodes on a KV cache of fixed length (prompt width +
-    max_new_tokens, rounded up to LENGTH_BUCKET, reused) with one attention mask for every step, so each
-    model's one-token forward has fixed shapes and is compiled once (a CUDA graph on a GPU). If it fails,
-    under --compile auto that model goes on with the plain step (this rollout too), under on the run stops."""
-
-    def __init__(self, max_new_tokens: int, backend="inductor", fall_back: bool = False):
-        self.max_new_tokens, self.backend, self.fall_back = max_new_tokens, backend, fall_back
-        self.compiled = {}   # id(model): its compiled forward, None once it fell back to the plain step
-        self.caches = {}     # (id(model), rows, length, dtype): a preallocated StaticCache
-        self.rollout = None  # the rollout being decoded: its plain cache (weakly), static cache, mask, steps
-
-    @staticmethod
-    def wanted(cfg: Config, device: torch.device, say_why: bool = True) -> bool:
-        """--compile on; or auto on CUDA for a --model run (6-token completions never repay a compile), when
-        transformers has static caches written in order and Triton can be imported."""
-        if cfg.compile != "auto":
-            return cfg.compile == "on"
-        if device.type != "cuda" or not cfg.model:
-            return False
-        missing = ("transformers >= 5.4" if not static_decoding_supported() else
-                   "Triton" if importlib.util.find_spec("triton") is None else None)
-        if missing and say_why:
-            tqdm.write(f"decoding eagerly: compiled decoding needs {missing} (--compile off silences this)")
-        return missing is None
-
-    def compiles(self, model) -> bool:
-        return self.compiled.get(id(model), True) is not None
-
-    def __call__(self, model, cache: dict, token, attention_mask, position) -> torch.Tensor:
-        if not self.compiles(model):
-            return decode_step(model, cache, token, attention_mask, position)
-        (name, plain_cache), = cache.items()
-        if self.rollout is None or self.rollout["plain"]() is not plain_cache:  # a new rollout's first step
-            self.rollout = self.start(model, plain_cache, attention_mask)
-        cuda_graphs, rollout = self.backend == "inductor" and token.device.type == "cuda", self.rollout
-        if id(model) not in self.compiled:
-            self.compiled[id(model)] = torch.compile(model, backend=self.backend, dynamic=False,
-                                                     mode="reduce-overhead" if cuda_graphs else None)
-        try:
-            if cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
-            logits = self.compiled[id(model)](input_ids=token, attention_mask=rollout["mask"], position_ids=position,
-                                              use_cache=True, **{name: rollout["static"]}).logits[:, -1].float()
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as error:  # compiling or capturing failed: no Triton, a cache that does not trace, ...
-            return self.fall_back_to_plain(model, plain_cache, error, (cache, token, attention_mask, position))
-        rollout["steps"] += 1
-        return logits
-
-    def start(self, model, plain_cache, attention_mask: torch.Tensor) -> dict:
-        """The static cache with the prompt's keys and values, and every step's mask: the prompt's, then ones."""
-        from transformers import StaticCache
-        rows, prompt_width = attention_mask.shape[0], plain_cache.get_seq_length()
-        length = -(-(prompt_width + self.max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
-        key = (id(model), rows, length, plain_cache.layers[0].keys.dtype)
-        if key not in self.caches:
-            self.caches[key] = StaticCache(config=model.config, max_cache_len=length)
-        static = self.caches[key]
-        static.reset()
-        for layer_index, layer in enumerate(plain_cache.layers):
-            static.update(layer.keys, layer.values, layer_index)
-        mask = torch.ones(rows, length, dtype=torch.long, device=attention_mask.device)
-        mask[:, :prompt_width] = attention_mask[:, :prompt_width]
-        return {"plain": weakref.ref(plain_cache), "static": static, "mask": mask, "width": prompt_width, "steps": 0}
-
-    def fall_back_to_plain(self, model, plain_cache, error: Exception, step_inputs: tuple) -> torch.Tensor:
-        """--compile auto: the plain step from now on, the tokens decoded so far moved to the plain cache."""
-        what = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:200]
-        if not self.fall_back:
-            raise CompiledDecodingFailed(f"compiled decoding failed ({what}); use --compile auto or off")
-        tqdm.write(f"compiled decoding failed ({what}); this model decodes eagerly from now on "
-                   f"(--compile off silences this)")
-        self.compiled[id(model)] = None
-        decoded = slice(self.rollout["width"], self.rollout["width"] + self.rollout["steps"])
-        for layer_index, layer in enumerate(self.rollout["static"].layers):
-            plain_cache.update(layer.keys[:, :, decoded], layer.values[:, :, decoded], layer_index)
-        return decode_step(model, *step_inputs)
-
-
+# Faster drop-ins (each with its plain function's signature; a test shows both compute the same): one
+# prompt pass per group, a compiled decode step on a static cache; then memory: micro-batch sizing,
+# gradient checkpointing, and the step's speed and memory.
+# ----------------------------------------------------------------------------------------------
 def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """The drop-in for `completion_logits`: the same logits (N, T, V), with the graph. A group's rows share
     one pass over their prompt: its KV cache is computed once, indexed out to its rows (a differentiable
@@ -1463,22 +1365,104 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, complet
         return completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     unique_ids, unique_mask = unique_rows.split(prompt_ids.shape[1], dim=1)
     unique_mask = unique_mask.bool()
-    cache = new_cache(model)
+    cache_name, kv_cache = new_kv_cache(model)
     out = model(input_ids=unique_ids, attention_mask=unique_mask.long(), position_ids=position_ids(unique_mask),
-                use_cache=True, **cache, **last_logits_only(model))
+                use_cache=True, **{cache_name: kv_cache}, **last_logits_only(model))
     first_logits = out.logits[:, -1:][row_to_prompt]  # (N, 1, V): the prompt's last position predicts y_0
     if completion_ids.shape[1] == 1:
         return first_logits
-    next(iter(cache.values())).batch_select_indices(row_to_prompt)
+    kv_cache.batch_select_indices(row_to_prompt)  # each row gets its prompt's keys and values
     mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
     out = model(input_ids=completion_ids[:, :-1], attention_mask=mask.long(),
-                position_ids=position_ids(mask)[:, prompt_ids.shape[1]:], use_cache=True, **cache)
+                position_ids=position_ids(mask)[:, prompt_ids.shape[1]:], use_cache=True, **{cache_name: kv_cache})
     return torch.cat([first_logits, out.logits], dim=1)
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the matmuls (weights, log-softmax and losses stay fp32), or a no-op for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+LENGTH_BUCKET = 128  # --compile: cache lengths are rounded up to a multiple of this, so new batches reuse a graph
+
+
+def static_decoding_supported() -> bool:
+    """Static caches written in order (prompt first, then one slot per token): transformers 5.4 and later."""
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        return False
+    return hasattr(StaticLayer(max_cache_len=1), "cumulative_length")
+
+
+def compiled_decoding_wanted(cfg: Config, device: torch.device, say_why: bool = True) -> bool:
+    """--compile on; or auto on CUDA for a --model run (6-token completions never repay a compile), when
+    transformers has static caches written in order and Triton can be imported."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    if device.type != "cuda" or not cfg.model:
+        return False
+    missing = ("transformers >= 5.4" if not static_decoding_supported() else
+               "Triton" if importlib.util.find_spec("triton") is None else None)
+    if missing and say_why:
+        tqdm.write(f"decoding eagerly: compiled decoding needs {missing} (--compile off silences this)")
+    return missing is None
+
+
+class CompiledDecodeStep:
+    """The drop-in for `next_token_logits`: the same logits from a KV cache of fixed length. At a rollout's
+    first step the prompt's keys and values are copied from the plain cache (which then stays as it is) into
+    a preallocated StaticCache of prompt width + max_new_tokens, rounded up to LENGTH_BUCKET; every one-token
+    forward then has fixed shapes, so torch.compile builds it once per shape (with CUDA graphs on a GPU)."""
+
+    def __init__(self, max_new_tokens: int, backend: str = "inductor"):
+        self.max_new_tokens, self.backend = max_new_tokens, backend
+        self.compiled, self.static_caches = {}, {}  # per model; per (model, rows, length, dtype)
+        self.static_cache, self.static_mask = None, None  # the rollout being decoded: its cache, (rows, length)
+
+    def __call__(self, model, cache_argument: dict, token, attention_mask, position) -> torch.Tensor:
+        (cache_name, plain_cache), = cache_argument.items()
+        if attention_mask.shape[1] == plain_cache.get_seq_length() + 1:  # the plain cache holds the prompt only
+            self.static_cache, self.static_mask = self.start(model, plain_cache, attention_mask)
+        cuda_graphs = self.backend == "inductor" and token.device.type == "cuda"
+        if id(model) not in self.compiled:
+            self.compiled[id(model)] = torch.compile(model, backend=self.backend, dynamic=False,
+                                                     mode="reduce-overhead" if cuda_graphs else None)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
+        return self.compiled[id(model)](input_ids=token, attention_mask=self.static_mask, position_ids=position,
+                                        use_cache=True, **{cache_name: self.static_cache}).logits[:, -1].float()
+
+    def start(self, model, plain_cache, attention_mask: torch.Tensor) -> tuple:
+        """The static cache holding the prompt's keys and values, and the mask of every step: the prompt's, then ones."""
+        from transformers import StaticCache
+        rows, prompt_width = attention_mask.shape[0], plain_cache.get_seq_length()
+        length = math.ceil((prompt_width + self.max_new_tokens) / LENGTH_BUCKET) * LENGTH_BUCKET
+        key = (id(model), rows, length, plain_cache.layers[0].keys.dtype)
+        if key not in self.static_caches:
+            self.static_caches[key] = StaticCache(config=model.config, max_cache_len=length)
+        static_cache = self.static_caches[key]
+        static_cache.reset()
+        for layer_index, layer in enumerate(plain_cache.layers):
+            static_cache.update(layer.keys, layer.values, layer_index)
+        mask = torch.ones(rows, length, dtype=torch.long, device=attention_mask.device)
+        mask[:, :prompt_width] = attention_mask[:, :prompt_width]
+        return static_cache, mask
+
+
+def compiled_decoding_if_wanted(cfg: Config, model, tokenizer, device: torch.device, backend: str = "inductor"):
+    """Sampling's decode step: the compiled drop-in when --compile wants it and it decodes a two-token trial
+    rollout, else the plain `next_token_logits`. A failed trial is one line before training (an error under
+    --compile on), so no rollout ever switches steps halfway."""
+    if not compiled_decoding_wanted(cfg, device):
+        return next_token_logits
+    step = CompiledDecodeStep(cfg.max_new_tokens, backend)
+    try:
+        sample_completions(model, [[tokenizer.eos_token_id] * 2], 2, 1.0, -1, tokenizer.pad_token_id,
+                           fixed_uniforms("trial", 1, 2), next_logits=step)
+    except Exception as error:  # compiling or capturing failed: no Triton, a cache that does not trace, ...
+        what = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:200]
+        if cfg.compile == "on":
+            raise UsageError(f"compiled decoding failed on a trial rollout ({what}); use --compile auto or off")
+        tqdm.write(f"compiled decoding failed on a trial rollout ({what}); decoding eagerly (--compile off "
+                   f"silences this)")
+        return next_token_logits
+    return step
 
 
 def activation_bytes_per_token(model, precision: str) -> float:
@@ -1507,26 +1491,6 @@ def activation_bytes_per_token(model, precision: str) -> float:
     return (saved_bytes(48) - saved_bytes(16)) / 32
 
 
-def auto_micro_batch(rollout: Rollout, group_size: int, bytes_per_token: float,
-                     budget_bytes: float = ACTIVATION_BUDGET_GB * 1e9) -> int:
-    """--micro-batch 0: the most whole groups whose activations fit the budget (a group is one prompt
-    pass plus G completions), or, when one group does not fit, the most rows that do (at least 1)."""
-    rows = rollout.completion_ids.shape[0]
-    prompt_width = int(rollout.prompt_mask.any(0).sum())          # columns left after trimming
-    completion_width = int(rollout.completion_mask.sum(-1).max())
-    group_bytes = (prompt_width + group_size * completion_width) * bytes_per_token
-    if group_bytes <= budget_bytes:
-        return min(rows, group_size * int(budget_bytes // group_bytes))
-    return max(1, int(budget_bytes // ((prompt_width + completion_width) * bytes_per_token)))
-
-
-def speed_and_memory(result: StepResult, tokens: int, device: torch.device) -> dict:
-    """A step's timings (sampling, and log-probs plus update) and throughputs, and peak memory."""
-    rollout, update = result.seconds["generation"], result.seconds["logprobs"] + result.seconds["update"]
-    return {"rollout_seconds": rollout, "update_seconds": update, "rollout_tokens_per_s": tokens / max(rollout, 1e-9),
-            "update_tokens_per_s": tokens / max(update, 1e-9), **peak_memory(device)}
-
-
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each layer's activations in the backward pass. HF layers checkpoint only when
     `.training`, so that flag is set on the checkpointed modules alone: dropout stays off."""
@@ -1537,6 +1501,14 @@ def enable_gradient_checkpointing(model) -> None:
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) is True:
             module.training = True
+
+
+def speed_and_memory(result: StepResult, device: torch.device) -> dict:
+    """A step's timings (sampling, and log-probs plus update) and throughputs, and peak memory."""
+    tokens = int(result.rollout.completion_mask.sum())
+    rollout, update = result.seconds["generation"], result.seconds["logprobs"] + result.seconds["update"]
+    return {"rollout_seconds": rollout, "update_seconds": update, "rollout_tokens_per_s": tokens / max(rollout, 1e-9),
+            "update_tokens_per_s": tokens / max(update, 1e-9), **peak_memory(device)}
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -1552,7 +1524,7 @@ def peak_memory(device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Run files and resume: one folder per setting, lines appended, files written then renamed.
+# Run files and resume: one folder per setting, held by one process, lines appended, files written then renamed.
 # ----------------------------------------------------------------------------------------------
 SAMPLES_PER_EVALUATION = 4  # completions appended to samples.jsonl at each evaluation
 NOT_THE_SETTING = ("steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "compile")
@@ -1565,27 +1537,71 @@ def run_folder(cfg: Config) -> str:
     return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
 
 
+def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepResult, record: dict,
+             step_accuracy: float | None, started: float) -> None:
+    """The step's line of metrics.jsonl; at an evaluation its accuracy, samples, checkpoint and curves."""
+    run.totals["rollout_seconds"] += result.seconds["generation"]
+    run.totals["rollout_tokens"] += int(result.rollout.completion_mask.sum())
+    if step_accuracy is not None:
+        record["eval_accuracy"] = step_accuracy
+        run.evals.append(step_accuracy)
+    run.folder.append_metrics(record)
+    run.totals["seconds"] = time.time() - started
+    if step_accuracy is not None:
+        run.folder.append_samples(run.tokenizer, prompts, result, step)  # a few completions; prints one
+        run.folder.save_checkpoint(run, step)
+        draw_curves(run.folder.path, run.cfg.loss)  # curves.png, when matplotlib is installed
+
+
 class RunFolder:
     """A run's folder and its files: config.json (the flags as resolved, where it ran), metrics.jsonl,
-    samples.jsonl, checkpoint.pt, curves.png, summary.json; the first process writes them."""
+    samples.jsonl, checkpoint.pt, curves.png, summary.json; `.lock`, held by the process that writes them."""
 
     def __init__(self, cfg: Config):
         self.path = run_folder(cfg)
         self.checkpoint, self.metrics, self.samples = (os.path.join(self.path, name) for name in
                                                        ("checkpoint.pt", "metrics.jsonl", "samples.jsonl"))
+        self.lock = None
+
+    def check_start(self, resume: bool) -> None:
+        """A new run needs a folder with no run in it; --resume, one with a checkpoint."""
+        if resume and not os.path.exists(self.checkpoint):
+            raise UsageError(f"--resume: no checkpoint in {self.path}; run once without --resume first")
+        if not resume and os.path.exists(self.metrics):
+            raise UsageError(f"{self.path} already holds a run; pass --resume to continue it, or delete the folder")
+
+    def claim(self, resume: bool) -> RunFolder:
+        """Make the folder and lock its `.lock` file for as long as this process runs it: the same run started
+        twice at once stops the second with one line instead of both writing the same files. The lock goes with
+        the process, so a run stopped by Ctrl-C, a crash or a power cut can be resumed."""
+        os.makedirs(self.path, exist_ok=True)
+        self.lock = open(os.path.join(self.path, ".lock"), "w")
+        try:
+            import fcntl  # not on Windows, where the folder is not locked
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            self.lock.close()
+            raise UsageError(f"{self.path} is being written by another process running the same settings; let it "
+                             f"finish (then --resume adds steps), or give another --out") from None
+        self.check_start(resume)  # again, now that no other process can start it: it may have finished meanwhile
+        return self
 
     def write_start(self, run: Run) -> None:
-        """The folder, config.json, the warm start's accuracy as metrics.jsonl's step 0, the step-0 checkpoint."""
-        os.makedirs(self.path, exist_ok=True)
-        write_atomically(os.path.join(self.path, "config.json"), json.dumps(
-            {**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
-             "resolved_precision": run.models.precision, "processes": run.processes.world, **where_it_runs(run)},
-            indent=1))
+        """config.json, the warm start's accuracy as metrics.jsonl's step 0, the step-0 checkpoint."""
+        self.write_config(run)
         append_line(self.metrics, {"step": 0, "eval_accuracy": run.evals[0]})
         self.save_checkpoint(run, 0)
 
+    def write_config(self, run: Run) -> None:
+        write_atomically(os.path.join(self.path, "config.json"), json.dumps(
+            {**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
+             "resolved_precision": run.models.precision, **where_it_runs(run)}, indent=1))
+
     def save_checkpoint(self, run: Run, step: int) -> None:
-        """What a resumed run needs to go on as if it never stopped (not pi_ref: the warm start), then renamed."""
+        """What a resumed run needs to go on as if it never stopped (not pi_ref: the warm start), in plain
+        types and tensors only (it loads with weights_only=True), written then renamed."""
         models = run.models
         torch.save({"step": step, "policy": models.policy.state_dict(), "generator": models.generator.state_dict(),
                     "optimizer": models.optimizer.state_dict(), "prompt_rng": run.prompt_rng.getstate(),
@@ -1593,22 +1609,28 @@ class RunFolder:
         os.replace(self.checkpoint + ".tmp", self.checkpoint)
 
     def resume(self, run: Run) -> int:
-        """--resume: every process loads the last checkpoint; the first drops the lines written after it."""
+        """--resume: load the last checkpoint (weights_only: a checkpoint from elsewhere cannot run code), drop
+        the lines written after it, and rewrite a damaged config.json from the flags (the folder's name pins them)."""
         try:
-            state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
             run.models.policy.load_state_dict(state["policy"])
             run.models.generator.load_state_dict(state["generator"])
             run.models.optimizer.load_state_dict(state["optimizer"])
-        except Exception as error:  # cut short, damaged, or another model's
+        except Exception as error:  # cut short, damaged, another model's, or not plain tensors and types
             raise UsageError(f"--resume: {self.checkpoint} cannot be read ({type(error).__name__}: "
                              f"{str(error)[:200]}); delete {self.path} to start the run again") from None
         run.prompt_rng.setstate(state["prompt_rng"])
         run.ref_values, run.totals = state["ref_values"], state["totals"]
-        if run.processes.writes:
-            for path in (self.metrics, self.samples):
-                drop_lines_after(path, state["step"])
-            tqdm.write(f"resuming {self.path} at step {state['step']}")
-            run.evals = [m["eval_accuracy"] for m in read_lines(self.metrics) if "eval_accuracy" in m]
+        for path in (self.metrics, self.samples):
+            drop_lines_after(path, state["step"])
+        try:
+            with open(os.path.join(self.path, "config.json")) as f:
+                json.load(f)
+        except (OSError, ValueError):
+            self.write_config(run)
+            tqdm.write(f"{self.path}/config.json was missing or damaged: written again from the flags")
+        tqdm.write(f"resuming {self.path} at step {state['step']}")
+        run.evals = [m["eval_accuracy"] for m in read_lines(self.metrics) if "eval_accuracy" in m]
         return state["step"]
 
     def append_metrics(self, record: dict) -> None:
@@ -1628,7 +1650,9 @@ class RunFolder:
                    f"{shown['reward']:g} (answer {shown['answer'][-40:]!r}); more in {self.samples}")
 
     def write_summary(self, run: Run) -> dict:
-        """summary.json: accuracy before and after, minutes, KL(mu || pi) at each stale cycle's end, leakage."""
+        """summary.json: accuracy before and after, minutes, KL(mu || pi) at each stale cycle's end, leakage, the
+        mean |log pi/mu| per completion right after each refresh (the floor that rounding, not the lag, sets); then
+        the folder is released to other processes."""
         cfg, totals = run.cfg, run.totals
         steps = [m for m in read_lines(self.metrics) if "loss" in m]
         cycle_ends = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
@@ -1639,18 +1663,18 @@ class RunFolder:
                    "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9),
                    "kl_at_cycle_ends": cycle_ends,
                    "final_mass_leakage": mean([m["mass_leakage"] for m in steps[-10:]]),
+                   "log_ratio_floor": mean([m.get("log_ratio_abs_mean") for m in steps if m["staleness"] == 0]),
                    "curves": curves if os.path.exists(curves) else None}
         write_atomically(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=1))
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases the lock
         return summary
 
 
 def where_it_runs(run: Run) -> dict:
-    """The device by name, the policy's parameter count, and each model's decoding (config.json has them)."""
-    step = run.models.decode_step
-    models = (("generator", run.models.generator), ("policy", run.models.policy), ("reference", run.models.reference))
+    """The device by name, the policy's parameter count, and how sampling decodes (config.json has them)."""
     return {"device_name": device_name(run.device), "parameters": sum(p.numel() for p in run.models.policy.parameters()),
-            "decoding": {role: "compiled" if isinstance(step, CompiledDecodeStep) and step.compiles(model) else "eager"
-                         for role, model in models if model is not None}}
+            "decoding": "compiled" if isinstance(run.models.next_logits, CompiledDecodeStep) else "eager"}
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -1665,14 +1689,33 @@ def append_line(path: str, record: dict) -> None:
 
 
 def read_lines(path: str) -> list[dict]:
+    """The records of a JSON-lines file. A last line cut short (the machine stopped mid-append) is left out;
+    any other line that is not JSON stops with one line naming it."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UsageError(f"{path}, line {number}, is not JSON ({line[:60]!r}): the file is damaged") from None
+    return records
 
 
 def drop_lines_after(path: str, step: int) -> None:
-    """Resume: the lines of steps after the checkpoint's are dropped (rewritten, then renamed)."""
-    if os.path.exists(path):
-        write_atomically(path, "".join(json.dumps(m) + "\n" for m in read_lines(path) if m["step"] <= step).rstrip("\n"))
+    """Resume: the lines of steps after the checkpoint's, and a last line cut short, are dropped (the file
+    rewritten, then renamed); a cut line is said."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        cut = not f.read().endswith("\n")
+    records = read_lines(path)
+    if cut and records is not None:
+        tqdm.write(f"{path}: its last line was cut short (a stop mid-write), dropped")
+    write_atomically(path, "".join(json.dumps(m) + "\n" for m in records if m["step"] <= step).rstrip("\n"))
 
 
 def mean(values) -> float:
@@ -1729,105 +1772,6 @@ def draw_curves(folder: str, loss: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Several processes (torchrun): each trains on its share of every batch; gradients, counts and metrics
-# are averaged or summed; the first process writes the files. With one, every method is a no-op.
-# ----------------------------------------------------------------------------------------------
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)  # a warm start or a grid's slowest cell can take hours
-
-
-@dataclass(frozen=True)
-class Processes:
-    """The processes that share each batch, and this one's place among them (torchrun starts them)."""
-    rank: int = 0         # this process among `world` (torchrun's RANK)
-    world: int = 1        # processes that share each batch (WORLD_SIZE)
-    local_rank: int = 0   # its GPU on its machine (LOCAL_RANK)
-    quiet: bool = False   # no progress bar (an experiment's cells on processes other than the first)
-
-    @staticmethod
-    def from_environment() -> Processes:  # torchrun's environment; one process without torchrun
-        return Processes(*(int(os.environ.get(name, default)) for name, default in
-                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
-
-    @property
-    def writes(self) -> bool:  # the first process writes every file and prints; the others only compute
-        return self.rank == 0
-
-    def join(self, device: torch.device, backend: str) -> None:
-        """Join torchrun's process group; on CUDA a process's GPU is its local rank (a CPU run touches none)."""
-        if self.world == 1 or dist.is_initialized():
-            return
-        if device.type == "cuda":
-            torch.cuda.set_device(self.local_rank)
-        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
-
-    def share(self, prompts: list, noise: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """This process's share of a step's prompts and their rows of the step's noise (G per prompt): the
-        same draws as one process makes, so the step samples the same completions."""
-        size = len(prompts) // self.world
-        mine = slice(self.rank * size, (self.rank + 1) * size)
-        return prompts[mine], noise.view(len(prompts), -1, noise.shape[-1])[mine].flatten(0, 1)
-
-    def average_gradients(self, model: torch.nn.Module) -> None:
-        """Each process's gradient of its share's loss becomes their mean: the whole batch's (equal shares)."""
-        if self.world == 1:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)
-        for grad, averaged in zip(grads, flat.div_(self.world).split([g.numel() for g in grads])):
-            grad.copy_(averaged.view_as(grad))
-
-    def mean_over_processes(self, record: dict, device: torch.device) -> dict:
-        """A step's metrics averaged over the processes' shares: the whole batch's for every mean over
-        completions or groups (the shares are equal); per-token means and maxima, the mean of the shares'."""
-        if self.world == 1:
-            return record
-        keys = [key for key, value in record.items() if isinstance(value, (int, float))]
-        values = torch.tensor([float(record[key]) for key in keys], dtype=torch.float64, device=device)
-        dist.all_reduce(values)
-        return {**record, **{key: type(record[key])(value / self.world) for key, value in zip(keys, values.tolist())}}
-
-    def batch_starts(self, count: int, batch_size: int) -> range:
-        """Where this process's evaluation batches start: every world-th batch of one process's."""
-        return range(self.rank * batch_size, count, self.world * batch_size)
-
-    def sum(self, value: float, device: torch.device) -> float:
-        """The sum of `value` over the processes."""
-        if self.world == 1:
-            return value
-        total = torch.tensor(value, device=device)
-        dist.all_reduce(total)
-        return total.item()
-
-    @contextlib.contextmanager
-    def rank_zero_first(self):
-        """The first process runs the block (builds and caches the warm start), then the others do."""
-        if self.rank != 0:
-            dist.barrier()
-        yield
-        if self.rank == 0 and self.world > 1:
-            dist.barrier()
-
-
-def check_on_every_process(cfg: Config, processes: Processes, check=check_config, backend: str = "") -> None:
-    """check(cfg, world); with several processes each then joins the group (NCCL on CUDA, else gloo, unless
-    given) and they share what they found: a bad setting stops them all before any leaves, the first reports it."""
-    if processes.world == 1:
-        return check(cfg, 1)
-    try:
-        check(cfg, processes.world)
-        error = None
-    except UsageError as found:
-        error = str(found)
-    device = device_and_precision(cfg)[0]
-    processes.join(device, backend or ("nccl" if device.type == "cuda" else "gloo"))
-    errors = [None] * processes.world
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        raise UsageError(next(e for e in errors if e))
-
-
-# ----------------------------------------------------------------------------------------------
 # Main: parse and check the flags, train, print the summary; errors are one line and an exit code.
 # ----------------------------------------------------------------------------------------------
 def format_summary(summary: dict) -> str:
@@ -1849,28 +1793,18 @@ def format_summary(summary: dict) -> str:
         "curves: not drawn, matplotlib is not installed (pip install matplotlib draws curves.png)"])
 
 
-def run_command(argv: list[str] | None, config_class, work, check=check_config, backend: str = "",
-                description: str | None = None) -> int:
-    """Parse and check the flags of `config_class` on every process, then `work(cfg, processes)`; bad input,
-    divergence, a failed compile, GPU memory or an interruption end with one line (exit 2, 1, 1, 1, 130)."""
-    processes = Processes.from_environment()  # one process without torchrun
+def run_command(argv: list[str] | None, config_class, work, check=check_config, description: str | None = None,
+                interrupted: str = "rerun the same command with --resume to continue from the last checkpoint") -> int:
+    """Parse and check the flags of `config_class`, then `work(cfg)`; bad input, divergence, GPU memory or an
+    interruption end with one line (exit 2, 1, 1, 130); `interrupted` says how to go on."""
     try:
         cfg = parse_config(argv, config_class, description)
-        check_on_every_process(cfg, processes, check, backend)  # several: then joins the process group
-        work(cfg, processes)
-        if dist.is_initialized():
-            dist.barrier()  # none tears the process group down while the first still writes its files
+        check(cfg)
+        work(cfg)
         return 0
-    except UsageError as error:
-        if processes.writes:  # every process has the same error: one line
-            print(f"error: {error}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.barrier()  # none leaves before the first has printed
-        return 2
-    except (TrainingDiverged, CompiledDecodingFailed) as error:
-        if processes.writes:  # every process sees it (the gradients are averaged; the models are the same)
-            print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (UsageError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
     except torch.cuda.OutOfMemoryError:
         print(f"error: out of GPU memory; lower --micro-batch (the update's rows per pass; 0 sizes it for "
               f"{ACTIVATION_BUDGET_GB:g} GB of activations; --resume continues the run with a new value), or "
@@ -1878,20 +1812,13 @@ def run_command(argv: list[str] | None, config_class, work, check=check_config, 
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if processes.writes:
-            print("\ninterrupted: rerun the same command with --resume to continue from the last checkpoint",
-                  file=sys.stderr)
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
-    def one_run(cfg: Config, processes: Processes) -> None:
-        summary = train(cfg, load_task(cfg), processes)  # a bad data file stops here, before any model is loaded
-        if summary is not None:  # several processes: the first prints
-            print(format_summary(summary))
+    def one_run(cfg: Config) -> None:
+        print(format_summary(train(cfg, load_task(cfg))))  # a bad data file stops in load_task, before any model
 
     return run_command(argv, Config, one_run)
 

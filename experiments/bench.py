@@ -5,7 +5,7 @@ useful FLOPs reach (MFU), and writes them to bench_*.json in --out. Every traine
 
     python experiments/bench.py --bench 3 --model MODEL_DIR --prompts-per-step 16 --group-size 8 --max-new-tokens 256
 
-One process only (not under torchrun). The warm start is skipped: the model is timed as loaded.
+The warm start is skipped: the model is timed as loaded.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from offpolicy_pessimism import (CompiledDecodeStep, Config, Processes, UsageError, check_config, flag,  # noqa: E402
-                                 device_and_precision, load_model, load_task, peak_memory, prepare_models, rl_step,
-                                 run_command, step_noise, write_atomically)
+from offpolicy_pessimism import (CHECKERS, CompiledDecodeStep, Config, UsageError, check_config, flag,  # noqa: E402
+                                 device_and_precision, fixed_uniforms, load_model, load_task, peak_memory,
+                                 prepare_models, rl_step, run_command, write_atomically)
 
 
 @dataclass
@@ -33,14 +33,12 @@ class BenchConfig(Config):
     bench: int = flag(3, "time N RL steps after one warm-up step, print them and write bench_*.json in --out")
 
 
-def check_bench(cfg: BenchConfig, world: int = 1) -> None:
-    if world > 1:
-        raise UsageError("the benchmark times one process; run it without torchrun")
+def check_bench(cfg: BenchConfig) -> None:
     if cfg.bench < 1:
         raise UsageError(f"--bench must be at least 1, got {cfg.bench}")
     if cfg.resume:
         raise UsageError("the benchmark times a few steps on its own; drop --resume")
-    check_config(cfg, 1, one_run=False)
+    check_config(cfg, one_run=False)
 
 
 def synchronize(device: torch.device) -> None:
@@ -69,14 +67,15 @@ def benchmark(cfg: BenchConfig, problems: tuple[list, list]) -> dict:
     device, precision = device_and_precision(cfg)
     train_problems = problems[0]
     policy, tokenizer, source = load_model(dataclasses.replace(cfg, warm_start_steps=0), train_problems, device)
-    models = prepare_models(cfg, policy, device, precision)
+    models = prepare_models(cfg, policy, tokenizer, device, precision)
     prompt_rng = random.Random(cfg.seed)
     timed_steps = []
     matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     matmul_before = matmul_flops_per_second(device, matmul_dtype)  # measured before and after the steps:
     for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
-        result = rl_step(cfg, models, tokenizer, batch, step % cfg.lag, step_noise(cfg, step, len(batch)), {})
+        uniforms = fixed_uniforms(f"{cfg.seed}|{step}", len(batch) * cfg.group_size, cfg.max_new_tokens)
+        result = rl_step(cfg, models, tokenizer, batch, step % cfg.lag, uniforms, {}, CHECKERS[cfg.checker])
         if step > 0:  # step 0 warms up the allocator, the kernels and first-call overheads; keep numbers only
             timed_steps.append({**result.seconds, "micro_batch": result.micro_batch,
                                 "generated_tokens": int(result.rollout.completion_mask.sum()),
@@ -97,7 +96,7 @@ def benchmark(cfg: BenchConfig, problems: tuple[list, list]) -> dict:
         "group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
         "micro_batch": timed_steps[-1]["micro_batch"],
         "micro_batch_auto": cfg.micro_batch == 0,
-        "compiled_decoding": isinstance(models.decode_step, CompiledDecodeStep) and models.decode_step.compiles(models.generator),
+        "compiled_decoding": isinstance(models.next_logits, CompiledDecodeStep),
         "timed_steps": steps, "seconds_per_step": seconds,
         "generation_seconds": timed["generation"] / steps,
         **({"logprob_seconds": timed["logprobs"] / steps} if models.reference is not None else {}),
@@ -143,7 +142,7 @@ def format_bench(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def bench(cfg: BenchConfig, processes: Processes) -> None:
+    def bench(cfg: BenchConfig) -> None:
         report = benchmark(cfg, load_task(cfg))
         print(format_bench(report))
         print(f"written: {report['path']}")

@@ -5,10 +5,10 @@ accuracy over seeds, entropy, regimes, clip fraction, mass leakage, mean advanta
 over the second half of each stale cycle), plots with matplotlib, and with several --warm-starts the gain
 per start (start_sweep.md, gain_vs_start.png). Every trainer flag applies to every cell.
 
-    python experiments/compare.py --preset lags
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 experiments/compare.py --preset mechanism
+    python experiments/compare.py --preset lags --jobs 2
 
-Under torchrun, process r runs cells r, r + N, ... as one-process runs (each on its own GPU).
+With --jobs N, N cells run at once, each in a process of its own (on a CPU, one thread each unless
+OMP_NUM_THREADS says otherwise); the tables are the same whichever --jobs.
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from offpolicy_pessimism import (LOSSES, Config, Processes, UsageError, check_config, flag, load_model,  # noqa: E402
-                                 load_task, mean, pyplot, read_lines, resolve_defaults, run_command, run_folder,
-                                 train, device_and_precision)
+from offpolicy_pessimism import (LOSSES, Config, UsageError, check_config, flag, load_model, load_task,  # noqa: E402
+                                 mean, pyplot, read_lines, resolve_defaults, run_command, run_folder, train,
+                                 device_and_precision)
 
 STRONG_WARM_START_STEPS = 900  # --preset strong-start: 0.915 greedy accuracy
 
@@ -53,6 +54,7 @@ class GridConfig(Config):
     betas: str = flag("", "comma-separated beta for every cell (empty: --beta)")
     lrs: str = flag("", "comma-separated lr for every cell (empty: --lr)")
     warm_starts: str = flag("", "comma-separated --warm-start-steps, e.g. a weak and a strong start")
+    jobs: int = flag(1, "cells run at once, each in a process of its own")
 
 
 PRESETS = {
@@ -149,43 +151,59 @@ def cell_label(cell: Config) -> str:
     return f"{cell.loss}{extra}"
 
 
-def check_grid(cfg: GridConfig, world: int = 1) -> None:
-    """The trainer's checks for its cells (each a one-process run), then the grid's lists."""
+def check_grid(cfg: GridConfig) -> None:
+    """The trainer's checks for its cells, then the grid's lists."""
     if cfg.resume:
         raise UsageError("a grid resumes unfinished cells and skips finished ones by itself; drop --resume")
     if "real-model" in cfg.preset and not cfg.model:
         raise UsageError(f"--preset {cfg.preset} needs --model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct or its folder")
-    check_config(cfg, 1, one_run=False)
+    if cfg.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {cfg.jobs}")
+    check_config(cfg, one_run=False)
     grid_cells(cfg)  # raises UsageError for a bad list
 
 
-def run_grid(cfg: GridConfig, processes: Processes = Processes()) -> list[dict] | None:
-    """Run every unfinished cell in turn, then write compare.md / compare.csv (and plots) under --out.
-    Under torchrun, process r runs cells r, r + world, ... as one-process runs (on its own GPU), and
-    the first writes the tables when every process is done (the others return None)."""
-    cells = grid_cells(cfg)
+def finished(cell: Config) -> bool:
+    summary_path = os.path.join(run_folder(cell), "summary.json")
+    if not os.path.exists(summary_path):
+        return False
+    with open(summary_path) as f:
+        return json.load(f)["steps"] >= cell.steps
+
+
+def run_cell(cell: Config, problems: tuple[list, list], quiet: bool = True) -> None:
+    """One cell: a run of its own, resumed from its checkpoint when an earlier grid was stopped."""
+    resume = os.path.exists(os.path.join(run_folder(cell), "checkpoint.pt"))
+    torch._dynamo.reset()  # --compile: drop the previous cell's compiled decode steps (and their models)
+    train(dataclasses.replace(cell, resume=resume), problems, quiet=quiet)
+
+
+def start_job(threads: int) -> None:
+    """A job process: its share of the CPU's threads; Ctrl-C is the grid's to handle (it stops the jobs)."""
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_grid(cfg: GridConfig) -> list[dict]:
+    """Run every unfinished cell, seed-major (a grid cut short has every setting's first seeds), --jobs at a
+    time, then write compare.md / compare.csv / evaluations.md (and plots) under --out."""
+    cells = sorted(grid_cells(cfg), key=lambda cell: cell.seed)
     problems = load_task(cfg)  # the same data for every cell
-    if processes.world > 1:  # each warm start is built once, by the first process, before any cell loads it
-        if processes.rank == 0:
-            for cell in {cell.warm_start_steps: cell for cell in cells}.values():
-                load_model(cell, problems[0], device_and_precision(cell)[0])
-        dist.barrier()
-    one_process = Processes(quiet=processes.rank != 0)  # a cell is a one-process run (on this process's GPU)
-    for cell in tqdm(cells[processes.rank::processes.world], desc="grid", dynamic_ncols=True,
-                     disable=processes.rank != 0):
-        folder = run_folder(cell)
-        summary_path = os.path.join(folder, "summary.json")
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                if json.load(f)["steps"] >= cell.steps:
-                    continue  # finished: never rerun
-        resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
-        torch._dynamo.reset()  # --compile: drop the previous cell's compiled decode steps (and their models)
-        train(dataclasses.replace(cell, resume=resume), problems, one_process)
-    if processes.world > 1:
-        dist.barrier()
-    if processes.rank != 0:
-        return None
+    for cell in {cell.warm_start_steps: cell for cell in cells if cell.warm_start_steps}.values():
+        load_model(cell, problems[0], device_and_precision(cell)[0])  # each warm start built once, before any job
+    todo = [cell for cell in cells if not finished(cell)]  # finished: never rerun
+    if cfg.jobs == 1:
+        for cell in tqdm(todo, desc="grid", dynamic_ncols=True):
+            run_cell(cell, problems, quiet=False)
+    elif todo:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, torch.get_num_threads() // cfg.jobs)
+        pool = multiprocessing.get_context("spawn").Pool(cfg.jobs, initializer=start_job, initargs=(threads,))
+        try:
+            jobs = pool.imap_unordered(run_cell_in_job, [(cell, problems) for cell in todo])
+            for _ in tqdm(jobs, total=len(todo), desc=f"grid, {cfg.jobs} jobs", dynamic_ncols=True):
+                pass
+        finally:
+            pool.terminate()  # on Ctrl-C or an error too: each stopped cell resumes from its last checkpoint
     runs = grouped_runs(cells)
     rows, mean_term = grid_table(runs), mean_term_table(runs)
     os.makedirs(cfg.out, exist_ok=True)
@@ -205,6 +223,10 @@ def run_grid(cfg: GridConfig, processes: Processes = Processes()) -> list[dict] 
         plot_start_sweep(start_rows, cfg.out)
         tqdm.write(f"gain against the start accuracy: {os.path.join(cfg.out, 'start_sweep.md')}")
     return rows
+
+
+def run_cell_in_job(cell_and_problems: tuple) -> None:
+    run_cell(*cell_and_problems)
 
 
 def grouped_runs(cells: list[Config]) -> dict[tuple, list[tuple[list[dict], dict]]]:
@@ -460,14 +482,13 @@ def plot_start_sweep(rows: list[dict], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def grid(cfg: GridConfig, processes: Processes) -> None:
-        rows = run_grid(cfg, processes)
-        if rows is not None:  # several processes: the first prints
-            print(format_grid_table(rows))
-            print(f"tables: {os.path.join(cfg.out, 'compare.md')}, {os.path.join(cfg.out, 'compare.csv')}")
+    def grid(cfg: GridConfig) -> None:
+        rows = run_grid(cfg)
+        print(format_grid_table(rows))
+        print(f"tables: {os.path.join(cfg.out, 'compare.md')}, {os.path.join(cfg.out, 'compare.csv')}")
 
-    return run_command(argv, GridConfig, grid, check=check_grid, backend="gloo",  # the processes only wait
-                       description=__doc__.split("\n\n")[0])
+    return run_command(argv, GridConfig, grid, check=check_grid, description=__doc__.split("\n\n")[0],
+                       interrupted="rerun the same command: finished cells are kept, stopped ones resume")
 
 
 if __name__ == "__main__":
