@@ -1453,8 +1453,9 @@ def compiled_decoding_if_wanted(cfg: Config, model, tokenizer, device: torch.dev
         return next_token_logits
     step = CompiledDecodeStep(cfg.max_new_tokens, backend)
     try:
-        sample_completions(model, [[tokenizer.eos_token_id] * 2], 2, 1.0, -1, tokenizer.pad_token_id,
-                           fixed_uniforms("trial", 1, 2), next_logits=step)
+        rows = cfg.prompts_per_step * cfg.group_size  # a rollout's shape: the graph it compiles is the one reused
+        sample_completions(model, [[tokenizer.eos_token_id] * 2] * cfg.prompts_per_step, 2, 1.0, -1,
+                           tokenizer.pad_token_id, fixed_uniforms("trial", rows, 2), cfg.group_size, step)
     except Exception as error:  # compiling or capturing failed: no Triton, a cache that does not trace, ...
         what = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:200]
         if cfg.compile == "on":
@@ -1617,8 +1618,11 @@ class RunFolder:
             run.models.generator.load_state_dict(state["generator"])
             run.models.optimizer.load_state_dict(state["optimizer"])
         except Exception as error:  # cut short, damaged, another model's, or not plain tensors and types
-            raise UsageError(f"--resume: {self.checkpoint} cannot be read ({type(error).__name__}: "
-                             f"{str(error)[:200]}); delete {self.path} to start the run again") from None
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch's weights_only message: colours, many lines
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            detail = f"it holds {refused.group(1)}, which only code can load" if refused else " ".join(text.split())[:200]
+            raise UsageError(f"--resume: {self.checkpoint} cannot be read ({type(error).__name__}: {detail}); "
+                             f"delete {self.path} to start the run again") from None
         run.prompt_rng.setstate(state["prompt_rng"])
         run.ref_values, run.totals = state["ref_values"], state["totals"]
         for path in (self.metrics, self.samples):
