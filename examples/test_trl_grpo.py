@@ -32,6 +32,12 @@ def recipe():
     return trl_grpo
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = op.builtin_model()
+    return model.eval(), tokenizer
+
+
 def even_length_checker(completion: str, answer: str) -> float:
     """A stand-in checker that gives an untrained model mixed rewards: 1 for an even-length completion."""
     return float(len(completion) % 2 == 0)
@@ -202,6 +208,8 @@ def test_two_processes_train_with_our_loss_and_average_to_the_one_process_gradie
     ({"scale_rewards": "batch"}, "scale_rewards must be 'none'"),
     ({"disable_dropout": False}, "disable_dropout must be True"),
     ({"top_k": 5}, "sampling must be plain"),
+    ({"top_p": 0.9}, "sampling must be plain"),
+    ({"beta": 0.04}, "KL weight"),
 ])
 def test_config_refuses_each_setting_that_breaks_eq1_in_one_line(recipe, tmp_path, bad, reason):
     with pytest.raises(ValueError, match=reason) as refused:
@@ -344,3 +352,66 @@ def test_lr_defaults_to_1e4_built_in_and_1e6_with_a_model(recipe, tmp_path):
 
 if __name__ == "__main__":
     record_run(sys.argv[1], sys.argv[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# One process, trl bf16 defaults: examples/trl_grpo.py's GRPOTrainer subclass computes our loss on TRL's tensors
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["shifted", "oapl", "pmd"])
+def test_trl_recipe_trains_on_stale_completions_with_our_loss_and_gradient(loss, tiny, tmp_path, monkeypatch):
+    import trl.trainer.grpo_trainer as grpo_trainer
+
+    import trl_grpo as recipe
+
+    model, tokenizer = tiny
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    policy, tokenizer = op.load_pretrained(str(folder))
+    monkeypatch.setattr(grpo_trainer, "shuffle_sequence_dict", lambda batch: batch)  # micro-batches of whole groups
+    dataset = recipe.addition_dataset(32)
+    answers = dict(zip(dataset["prompt"], dataset["answer"]))
+
+    def reward(completions, answer, **kwargs):  # mixed rewards, so every baseline differs from the others
+        return [even_length_checker(completion, reference) for completion, reference in zip(completions, answer)]
+
+    config = recipe.RatioFreeConfig(
+        output_dir=str(tmp_path / "trl"), ratio_free_loss=loss, regression_beta=0.1, shift=1.0, beta_value=0.2,
+        max_steps=3, per_device_train_batch_size=8, gradient_accumulation_steps=1, steps_per_generation=2,  # lag 2
+        num_generations=4, max_completion_length=5, learning_rate=1e-2, beta=0.0, scale_rewards="none", top_p=1.0,
+        top_k=0, save_strategy="no", report_to="none", use_cpu=True, seed=1, gradient_checkpointing=False)
+    trainer = recipe.RatioFreeGRPOTrainer(model=policy, processing_class=tokenizer, reward_funcs=reward, args=config,
+                                          train_dataset=dataset)
+    start = [p.detach().clone() for p in policy.parameters()]
+    checked, original = [], trainer._compute_loss
+
+    def checked_loss(model, inputs):
+        ids, mask = inputs["completion_ids"], inputs["completion_mask"].bool()
+        policy_logp = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([inputs["prompt_ids"], ids], 1), torch.cat([inputs["prompt_mask"], mask.long()], 1),
+            ids.shape[1])[0]
+        behavior_logp = inputs["old_per_token_logps"]  # lag 2: TRL recomputes mu's log-probs
+        texts = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask)]
+        prompts = [tokenizer.decode(row[keep.bool()].tolist(), skip_special_tokens=True)
+                   for row, keep in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
+        rewards = torch.tensor([even_length_checker(t, answers[p]) for t, p in zip(texts, prompts)]).view(-1, 4)
+        ours = {"shifted": lambda: op.shifted_loss(policy_logp, behavior_logp, mask, rewards, 0.1, 1.0),
+                "oapl": lambda: op.oapl_loss(policy_logp, behavior_logp, mask, rewards, 0.1, 0.2),
+                "pmd": lambda: op.pmd_loss(policy_logp, behavior_logp, mask, rewards, 0.1)}[loss]
+        expected, diagnostics = ours()
+        got = original(model, inputs)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert torch.allclose(inputs["advantages"].view(-1, 4), diagnostics["advantages"].float(), atol=1e-6)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        for g_got, g_ours in zip(torch.autograd.grad(got, parameters, retain_graph=True),
+                                 torch.autograd.grad(expected, parameters, retain_graph=True)):
+            assert torch.allclose(g_got, g_ours, atol=1e-6, rtol=1e-4)
+        checked.append(((policy_logp.detach() - behavior_logp).abs().max().item(), rewards))
+        return got
+
+    monkeypatch.setattr(trainer, "_compute_loss", checked_loss)
+    trainer.train()
+    assert len(checked) == 3
+    assert checked[0][0] < 1e-5 and checked[1][0] > 1e-4  # staleness 0, then 1: mu's log-probs are the old policy's
+    assert any(0 < r.mean() < 1 for _, r in checked)
+    assert any((p - s).abs().max() > 0 for p, s in zip(policy.parameters(), start))  # the weights moved
