@@ -50,9 +50,74 @@ def bench_main(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Lambert-W target (eq. 2) and its regimes
+# The Lambert-W target (eq. 2): eq. 1's minimiser in every regime, on both real branches
 # ---------------------------------------------------------------------------------------------
-def test_lambert_w0_inverts_w_exp_w():
+def eq1_loss(pi: torch.Tensor, advantages: torch.Tensor, beta: float, mu: torch.Tensor) -> torch.Tensor:
+    """eq. 1 on one group: sum_i mu_i (beta log(pi_i/mu_i) - A_i)^2. pi, advantages, mu: (..., G)."""
+    return (mu * (beta * (pi / mu).log() - advantages) ** 2).sum(-1)
+
+
+def minimise_eq1(advantages_row: torch.Tensor, beta: float, mu_row: torch.Tensor | None = None,
+                 starts: int = 8, seed: int = 0) -> torch.Tensor:
+    """argmin of eq. 1 over pi = softmax(logits) on one group (G,), by L-BFGS in float64 from several starts: mu,
+    one start leaning on each sample (eq. 1's collapsed local minima sit near the vertices), and `starts` random
+    ones. Returns the best pi found, (G,)."""
+    advantages = advantages_row.double()
+    size = advantages.shape[-1]
+    mu = torch.full_like(advantages, 1 / size) if mu_row is None else mu_row.double()
+    generator = torch.Generator().manual_seed(seed)
+    initial = [mu.log()] + [mu.log() + 5 * torch.eye(size, dtype=torch.float64)[k] for k in range(size)]
+    initial += [mu.log() + 3 * torch.randn(size, generator=generator, dtype=torch.float64) for _ in range(starts)]
+    best_loss, best_pi = math.inf, None
+    for start in initial:
+        logits = start.clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-15, tolerance_change=1e-18,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = eq1_loss(torch.softmax(logits, -1), advantages, beta, mu)
+            loss.backward()
+            return loss
+
+        for _ in range(4):
+            optimizer.step(closure)
+        with torch.no_grad():
+            pi = torch.softmax(logits, -1)
+            loss = eq1_loss(pi, advantages, beta, mu).item()
+        if loss < best_loss:
+            best_loss, best_pi = loss, pi
+    return best_pi
+
+
+BETA = 0.1
+G = 8
+
+
+def reward_row(text: str) -> torch.Tensor:
+    return torch.tensor([float(r) for r in text.split(",")], dtype=torch.float64)
+
+
+def mean_baseline(r, shift=0.0):
+    """pmd (shift 0) and the beta-shifted mean: A = r - mean + shift * beta."""
+    return r - r.mean() + shift * BETA
+
+
+def oapl_baseline(r, beta_value):
+    """A = r - beta_v log mean exp(r / beta_v)."""
+    return r - beta_value * (torch.logsumexp(r / beta_value, 0) - math.log(len(r)))
+
+
+def w0_family_largest_mass(advantages, beta, mu):
+    """sum_i pi_i with W0 on every sample at the branch point c exp(max A/beta) = -1/e: the most it reaches, c < 0."""
+    z = (advantages / beta).exp()
+    c = -1 / (math.e * z.max())
+    return (mu * op.lambert_w0(c * z) / c).sum().item()
+
+
+# Lambert's W on its two real branches
+# ---------------------------------------------------------------------------------------------
+def test_lambert_w0_inverts_w_exp_w_above_minus_one():
     z = torch.cat([torch.linspace(-1 / math.e, 0, 1001, dtype=torch.float64),
                    torch.logspace(-8, 8, 1001, dtype=torch.float64)])
     w = op.lambert_w0(z)
@@ -60,47 +125,180 @@ def test_lambert_w0_inverts_w_exp_w():
     assert torch.allclose(w * w.exp(), z, rtol=1e-12, atol=1e-12)
 
 
-def direct_minimiser(mu, advantages, beta):
-    """argmin over softmax-parametrised pi of sum_y mu(y) (beta log(pi/mu) - A)^2 (eq. 1), by L-BFGS."""
-    logits = mu.log().clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([logits], lr=1, max_iter=2000, tolerance_grad=1e-14, tolerance_change=1e-16,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        pi = torch.softmax(logits, -1)
-        loss = (mu * (beta * (pi / mu).log() - advantages) ** 2).sum()
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        optimizer.step(closure)
-    return torch.softmax(logits, -1).detach()
+def test_lambert_wm1_inverts_w_exp_w_below_minus_one():
+    z = -torch.cat([torch.logspace(-300, -1, 1001, dtype=torch.float64),
+                    1 / math.e - torch.logspace(-12, -1, 200, dtype=torch.float64),
+                    torch.tensor([1 / math.e], dtype=torch.float64)])
+    w = op.lambert_wm1(z)
+    assert torch.all(w <= -1)
+    assert torch.allclose(w * w.exp(), z, rtol=1e-12, atol=0)  # relative: z spans 300 decades
+    assert op.lambert_wm1(torch.tensor([-0.1], dtype=torch.float64)).item() == pytest.approx(-3.577152063957297, rel=1e-14)
+    assert op.lambert_wm1(torch.tensor([-1 / math.e], dtype=torch.float64)).item() == pytest.approx(-1.0, abs=1e-7)
 
 
-@pytest.mark.parametrize("regime", ["positive", "boundary", "negative"])
-def test_lambert_target_matches_direct_minimiser(regime):
-    beta = 0.5
-    mu = torch.tensor([0.30, 0.25, 0.15, 0.12, 0.10, 0.08], dtype=torch.float64)
-    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
-    soft_value = {"positive": (mu * rewards).sum(),                            # mean: below the soft value
-                  "boundary": beta * (mu * (rewards / beta).exp()).sum().log(),  # exactly the soft value
-                  "negative": 0.2 * (mu * (rewards / 0.2).exp()).sum().log()}[regime]  # OAPL beta_v < beta
-    advantages = rewards - soft_value
-    c = op.induced_target_c(advantages[None], beta, mu[None])
-    assert {"positive": c > 0, "boundary": c == 0, "negative": c < 0}[regime].all(), c
-    induced = mu * op.induced_target_ratio(advantages[None], beta, c)[0]
-    assert abs(induced.sum().item() - 1) < 1e-9
-    assert torch.allclose(induced, direct_minimiser(mu, advantages, beta), atol=1e-6, rtol=0)
+def test_lambert_w_of_exp_agrees_with_the_direct_branches_and_works_past_float_range():
+    u = torch.linspace(-30, 5, 301, dtype=torch.float64)
+    plus, minus = torch.tensor(1.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+    false, true = torch.tensor(False), torch.tensor(True)
+    assert torch.allclose(op.lambert_w_of_exp(plus, u, false), op.lambert_w0(u.exp()), rtol=1e-13, atol=1e-300)
+    u_neg = u[u <= -1]
+    assert torch.allclose(op.lambert_w_of_exp(minus, u_neg, true), op.lambert_wm1(-u_neg.exp()), rtol=1e-13, atol=0)
+    assert torch.allclose(op.lambert_w_of_exp(minus, u_neg, false), op.lambert_w0(-u_neg.exp()), rtol=1e-13, atol=1e-300)
+    huge = torch.tensor([800.0, 1e5], dtype=torch.float64)  # exp overflows: w + log w = u instead
+    w = op.lambert_w_of_exp(plus, huge, false)
+    assert torch.allclose(w + w.log(), huge, rtol=1e-15, atol=0)
+    w = op.lambert_w_of_exp(minus, -huge, true)                  # exp underflows: w + log(-w) = u, w <= -1
+    assert torch.all(w <= -1) and torch.allclose(w + (-w).log(), -huge, rtol=1e-15, atol=0)
 
 
-def test_pessimistic_target_puts_less_mass_on_correct_answers_than_boltzmann():
-    rewards = torch.tensor([[1.0, 1, 0, 0, 0, 0, 1, 0]])
-    positive = op.regime_diagnostics(op.shifted_mean_advantages(rewards, 0.5), rewards, 0.5)
-    negative = op.regime_diagnostics(rewards - op.soft_value(rewards, 0.2), rewards, 0.5)
+# ---------------------------------------------------------------------------------------------
+# The closed form is eq. 1's global minimiser, in every regime
+# ---------------------------------------------------------------------------------------------
+UNIFORM = torch.full((G,), 1 / G, dtype=torch.float64)
+SKEWED = torch.softmax(torch.tensor([1.0, 0.2, -0.5, 0.8, -1.5, 0.0, 0.4, -3.0], dtype=torch.float64), 0)
+CASES = {  # name: (advantages, mu or None for the empirical mu, expected regime)
+    "pessimistic, shifted +1": (mean_baseline(reward_row("1,1,0,0,0,1,0,0"), 1), None, "positive"),
+    "pessimistic, pmd": (mean_baseline(reward_row("1,0,0,0,0,0,0,0")), None, "positive"),
+    "pessimistic, mu given": (mean_baseline(reward_row("1,1,0,0,0,1,0,0"), 1), SKEWED, "positive"),
+    "boundary, oapl at beta_v = beta": (oapl_baseline(reward_row("1,1,0,0,0,1,0,0"), BETA), None, "boundary"),
+    "boundary, pmd on equal rewards": (mean_baseline(reward_row("1,1,1,1,1,1,1,1")), None, "boundary"),
+    "negative, equal rewards, shift -0.5": (mean_baseline(reward_row("0,0,0,0,0,0,0,0"), -0.5), None, "negative"),
+    "negative, oapl beta_v = beta/2, 2 correct": (oapl_baseline(reward_row("1,1,0,0,0,0,0,0"), BETA / 2), None,
+                                                  "negative"),
+    "negative, mu given": (oapl_baseline(reward_row("1,1,0,0,0,0,0,0"), BETA / 2), SKEWED, "negative"),
+    "collapsed, one correct, A = r - 0.9": (reward_row("1,0,0,0,0,0,0,0") - 0.9, None, "collapsed"),
+    "collapsed, equal rewards, shift -2": (mean_baseline(reward_row("1,1,1,1,1,1,1,1"), -2), None, "collapsed"),
+    "collapsed, oapl beta_v = beta/2, 1 correct": (oapl_baseline(reward_row("1,0,0,0,0,0,0,0"), BETA / 2), None,
+                                                   "collapsed"),
+    "collapsed, 7 of 8 correct, shift -2 (W0 still normalises)": (mean_baseline(reward_row("1,1,1,1,1,1,1,0"), -2),
+                                                                   None, "collapsed"),
+    "collapsed, mu given": (mean_baseline(reward_row("1,1,1,1,1,1,1,1"), -2), SKEWED, "collapsed"),
+}
+
+
+def interchangeable(pi, advantages, mu):
+    """pi with the values of each set of samples with equal A and mu sorted (largest first): such samples are
+    interchangeable, so eq. 1's minimisers come in permutations of them, and the closed form takes the first one."""
+    pi = pi.clone()
+    for value in torch.stack([advantages, mu], -1).unique(dim=0):
+        tied = ((advantages == value[0]) & (mu == value[1])).nonzero()[:, 0]
+        pi[tied] = pi[tied].sort(descending=True).values
+    return pi
+
+
+def regime(target, row=0):
+    if target.collapsed[row]:
+        return "collapsed"
+    return {1: "positive", 0: "boundary", -1: "negative"}[int(target.c[row].sign())]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_closed_form_is_the_direct_minimiser_of_eq1(name):
+    advantages, mu, expected = CASES[name]
+    target = op.induced_target(advantages[None], BETA, None if mu is None else mu[None])
+    assert regime(target) == expected
+    mu = UNIFORM if mu is None else mu
+    pi = mu * target.ratio[0]
+    direct = minimise_eq1(advantages, BETA, mu)
+    assert pi.sum().item() == pytest.approx(1.0, abs=1e-9)
+    assert (pi - interchangeable(direct, advantages, mu)).abs().max().item() < 1e-4
+    assert eq1_loss(pi, advantages, BETA, mu).item() <= eq1_loss(direct, advantages, BETA, mu).item() + 1e-9
+
+
+def test_one_correct_answer_past_the_threshold_collapses_onto_it():
+    advantages = reward_row("1,0,0,0,0,0,0,0") - 0.9
+    assert w0_family_largest_mass(advantages, BETA, UNIFORM) == pytest.approx(0.924, abs=1e-3)  # W0 cannot normalise
+    target = op.induced_target(advantages[None], BETA)
+    pi = target.ratio[0] / G
+    assert target.collapsed.item() and target.collapsed_index.item() == 0
+    assert pi[0].item() == pytest.approx(0.9999, abs=1e-4)
+    assert eq1_loss(pi, advantages, BETA, UNIFORM).item() == pytest.approx(0.0015, abs=1e-4)
+    assert eq1_loss(UNIFORM, advantages, BETA, UNIFORM).item() == pytest.approx(0.71, abs=1e-2)  # pi = mu
+
+
+def test_equal_rewards_shifted_by_minus_two_collapse_onto_the_first_sample():
+    advantages = torch.full((G,), -0.2, dtype=torch.float64)
+    assert w0_family_largest_mass(advantages, BETA, UNIFORM) == pytest.approx(math.exp(-1), abs=1e-9)  # 0.368
+    target = op.induced_target(advantages[None], BETA)
+    pi = target.ratio[0] / G
+    assert target.collapsed.item() and target.collapsed_index.item() == 0  # ties: the lowest index
+    assert pi[0].item() == pytest.approx(0.871, abs=1e-3)
+    assert torch.allclose(pi[1:], torch.full((G - 1,), 0.018, dtype=torch.float64), atol=1e-3)
+
+
+def test_with_uniform_mu_only_the_largest_advantage_collapses():
+    """Trying every sample as the W_-1 candidate (mu passed explicitly) picks the largest A, the first of ties:
+    the rearrangement argument that lets op.induced_target(mu=None) try that one only."""
+    generator = torch.Generator().manual_seed(0)
+    scaled = torch.randn(300, G, generator=generator, dtype=torch.float64) * 2 - 3  # mostly c < 0, many collapse
+    scaled[:50, 1] = scaled[:50, 0] = scaled[:50].max(-1).values + 0.1               # ties at the top
+    every_candidate = op.induced_target(BETA * scaled, BETA, torch.full_like(scaled, 1 / G))
+    largest_only = op.induced_target(BETA * scaled, BETA)
+    collapsed = every_candidate.collapsed
+    assert collapsed.sum() > 100
+    assert torch.equal(collapsed, largest_only.collapsed)
+    assert torch.equal(every_candidate.collapsed_index[collapsed], scaled[collapsed].argmax(-1))
+    assert torch.equal(largest_only.collapsed_index, every_candidate.collapsed_index)
+    assert torch.allclose(every_candidate.ratio, largest_only.ratio, rtol=1e-9, atol=0)
+
+
+def test_with_mu_given_a_rare_sample_can_collapse_before_the_w0_family_fails():
+    """mu = (0.4995, 0.4995, 0.001): the W0 family normalises, yet eq. 1 is lower with the rare third sample on
+    W_-1, although the first sample has the larger advantage."""
+    mu = torch.tensor([0.4995, 0.4995, 0.001], dtype=torch.float64)
+    advantages = BETA * torch.tensor([-0.1, -2.0, -1.0], dtype=torch.float64)
+    assert w0_family_largest_mass(advantages, BETA, mu) > 1.2
+    target = op.induced_target(advantages[None], BETA, mu[None])
+    assert target.collapsed.item() and target.collapsed_index.item() == 2
+    pi = mu * target.ratio[0]
+    direct = minimise_eq1(advantages, BETA, mu)
+    assert (pi - direct).abs().max().item() < 1e-4
+    assert pi[2].item() == pytest.approx(0.474, abs=1e-3)
+
+
+@pytest.mark.parametrize("beta", [1e-3, 0.1, 1.0])
+def test_no_nan_and_a_normalised_stationary_target_over_a_wide_range(beta):
+    generator = torch.Generator().manual_seed(1)
+    spread = torch.logspace(-2, 0, 400, dtype=torch.float64)[:, None]
+    advantages = (torch.randn(400, G, generator=generator, dtype=torch.float64) * spread
+                  + torch.randn(400, 1, generator=generator, dtype=torch.float64) * spread)  # A/beta up to ~ +-3/beta
+    mu = torch.softmax(torch.randn(400, G, generator=generator, dtype=torch.float64), -1)
+    for weights in (None, mu):
+        target = op.induced_target(advantages, beta, weights)
+        weights = torch.full_like(advantages, 1 / G) if weights is None else weights
+        assert not any(t.isnan().any() for t in target)
+        assert torch.allclose((weights * target.ratio).sum(-1), torch.ones(400, dtype=torch.float64), atol=1e-9)
+        assert (target.c < 0).sum() > 30 and (target.c > 0).sum() > 30 and target.collapsed.sum() > 10
+        # stationarity, eq. 2 in logs: log(pi/mu) - A/beta = -W = -c pi/mu (c is -inf where every A/beta < -745)
+        where = (torch.isfinite(target.c) & (target.c != 0))[:, None] & (target.ratio > 1e-300)  # not underflowed
+        residual = target.ratio.log() - advantages / beta + target.c[:, None] * target.ratio
+        scale = 1 + (advantages / beta).abs().max(-1, keepdim=True).values
+        assert (residual / scale)[where].abs().max().item() < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# The regime diagnostics
+# ---------------------------------------------------------------------------------------------
+def test_regime_diagnostics_split_groups_into_four_regimes_without_nan():
+    r = torch.stack([reward_row("1,1,0,0,0,1,0,0"), reward_row("1,1,1,1,1,1,1,1"), reward_row("1,1,0,0,0,0,0,0"),
+                     reward_row("1,0,0,0,0,0,0,0")])
+    advantages = torch.stack([mean_baseline(r[0], 1), mean_baseline(r[1]), oapl_baseline(r[2], BETA / 2),
+                              oapl_baseline(r[3], BETA / 2)])
+    metrics = op.regime_diagnostics(advantages, r, BETA)
+    assert "regime_no_target" not in metrics and all(math.isfinite(v) for v in metrics.values())
+    assert [metrics[k] for k in ("regime_positive", "regime_boundary", "regime_negative", "regime_collapsed")] == [
+        0.25, 0.25, 0.25, 0.25]
+    assert metrics["target_max_mass"] > 0.25 * 0.9999  # the collapsed group alone puts 0.9999 on one sample
+    assert metrics["p_correct_generator"] == pytest.approx(r.mean().item())
+
+
+def test_pessimistic_target_puts_less_mass_on_correct_answers_than_boltzmann_and_negative_more():
+    r = torch.tensor([[1.0, 1, 0, 0, 0, 0, 1, 0]], dtype=torch.float64)
+    positive = op.regime_diagnostics(mean_baseline(r[0], 1)[None], r, BETA)
+    negative = op.regime_diagnostics(oapl_baseline(r[0], BETA / 2)[None], r, BETA)
+    assert positive["regime_positive"] == 1 and negative["regime_negative"] == 1
     assert positive["p_correct_induced"] < positive["p_correct_nominal"]
     assert negative["p_correct_induced"] > negative["p_correct_nominal"]
-
 
 def random_reward_groups(groups=200, size=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +308,7 @@ def random_reward_groups(groups=200, size=8, seed=0):
 
 def test_mean_baseline_is_never_in_the_negative_regime():
     rewards = random_reward_groups()
-    c = op.induced_target_c(rewards - op.group_mean(rewards), beta=0.1)
+    c = op.induced_target(rewards - op.group_mean(rewards), beta=0.1).c
     all_equal = (rewards == rewards[:, :1]).all(-1)
     assert all_equal.any() and (~all_equal).any()
     assert torch.all(c[~all_equal] > 0)
@@ -121,31 +319,29 @@ def test_oapl_value_temperature_sets_the_regime():
     rewards = random_reward_groups()
     mixed = ~(rewards == rewards[:, :1]).all(-1)
     beta = 0.1
-    above = op.induced_target_c(rewards - op.soft_value(rewards, 2 * beta), beta)
-    equal = op.induced_target_c(rewards - op.soft_value(rewards, beta), beta)
-    below = op.induced_target_c(rewards - op.soft_value(rewards, beta / 2), beta)
-    assert torch.all(above[mixed] > 0)
-    assert torch.all(equal == 0)
-    negative, no_target = below[mixed] < 0, below[mixed].isnan()
-    assert torch.all(negative | no_target) and negative.sum() > no_target.sum()
-    # NaN only where no c < 0 normalises eq. 2: at c = -1/(e max z), the largest mass any c < 0 gives, it is below 1
+    above = op.induced_target(rewards - op.soft_value(rewards, 2 * beta), beta)
+    equal = op.induced_target(rewards - op.soft_value(rewards, beta), beta)
+    below = op.induced_target(rewards - op.soft_value(rewards, beta / 2), beta)
+    assert torch.all(above.c[mixed] > 0) and not above.collapsed.any()
+    assert torch.all(equal.c == 0)
+    assert torch.all(below.c[mixed] < 0) and not below.ratio.isnan().any()  # a target in every group, no NaN
+    # collapsed where the W0 family cannot reach mass 1 (c = -1/(e max z) gives its most) or the top reward is
+    # shared; on W0 elsewhere
     z = ((rewards - op.soft_value(rewards, beta / 2)) / beta).double().exp()[mixed]
     c_min = -1 / (math.e * z.max(-1, keepdim=True).values)
-    largest_mass = (op.lambert_w0(c_min * z) / c_min).mean(-1)
-    assert torch.equal(largest_mass < 1, no_target)
+    w0_cannot = (op.lambert_w0(c_min * z) / c_min).mean(-1) < 1
+    assert torch.all(below.collapsed[mixed][w0_cannot]) and below.collapsed[mixed].sum() > 0
+    assert (below.c[mixed] < 0).sum() > below.collapsed[mixed].sum()  # some groups stay on W0
 
 
 def test_shifted_mean_is_always_pessimistic_and_neutral_on_equal_rewards():
     rewards = random_reward_groups()
     beta = 0.1
-    advantages = op.shifted_mean_advantages(rewards, beta)
-    c = op.induced_target_c(advantages, beta)
-    assert torch.all(c > 0)
+    assert torch.all(op.induced_target(op.shifted_mean_advantages(rewards, beta), beta).c > 0)
     equal = torch.ones(3, 8) * torch.tensor([[0.0], [1.0], [0.5]])
-    c_equal = op.induced_target_c(op.shifted_mean_advantages(equal, beta), beta)
-    assert torch.allclose(c_equal, torch.ones(3, dtype=torch.float64), atol=1e-9)
-    ratio = op.induced_target_ratio(op.shifted_mean_advantages(equal, beta), beta, c_equal)
-    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-9)  # pi_c = mu
+    target = op.induced_target(op.shifted_mean_advantages(equal, beta), beta)
+    assert torch.allclose(target.c, torch.ones(3, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(target.ratio, torch.ones_like(target.ratio), atol=1e-9)  # pi_c = mu
 
 
 # ---------------------------------------------------------------------------------------------
@@ -799,7 +995,8 @@ def test_every_loss_runs_end_to_end(loss, warm_out, tmp_path, capsys):
     if loss in ("ppo", "tis"):
         assert "clip_fraction" in metrics[1] and "ratio_max" in metrics[1]
     if loss in ("oapl", "pmd", "shifted"):  # apo's anchor is pi_ref: no regime of eq. 2 on mu's samples
-        fractions = [metrics[1][k] for k in ("regime_positive", "regime_boundary", "regime_negative")]
+        fractions = [metrics[1][k] for k in ("regime_positive", "regime_boundary", "regime_negative",
+                                             "regime_collapsed")]
         assert sum(fractions) == pytest.approx(1.0)
     if loss == "shifted":
         assert all(m["regime_positive"] == 1.0 for m in metrics[1:])
@@ -979,7 +1176,8 @@ def test_grid_table_numbers_equal_the_cells_own_metrics(warm_out, tmp_path):
             "best_accuracy": sum(max(e) for e in evals) / 2, "warm_start_accuracy": sum(e[0] for e in evals) / 2,
             "final_entropy": over_seeds([per_step(run, "entropy", last=10) for run in runs]),
             **{key: over_seeds([per_step(run, key) for run in runs]) for key in
-               ("regime_positive", "regime_boundary", "regime_negative", "clip_fraction", "mass_leakage",
+               ("regime_positive", "regime_boundary", "regime_negative", "regime_collapsed", "clip_fraction",
+                "mass_leakage",
                 "advantage_mean")},
             "ratio_max": max((m["ratio_max"] for run in runs for m in run if "ratio_max" in m), default=math.nan),
             "minutes": sum(s["minutes"] for s in summaries) / 2,
