@@ -368,8 +368,9 @@ def plot_grid(grouped: dict[tuple, list[tuple[list[dict], dict]]], out: str) -> 
             axis.set_title(f"lag {lag}")
             axis.set_xlabel("step")
         axes[0][0].set_ylabel(title)
-        axes[0][-1].legend(fontsize=7)
-        figure.tight_layout()
+        figure.legend(handles=[plt.Line2D([], [], color=c, label=label) for label, c in colour.items()], fontsize=7,
+                      loc="lower center", ncol=min(len(colour), 3))  # every label, whichever panels it is in
+        figure.tight_layout(rect=(0, 0.06 * math.ceil(len(colour) / 3), 1, 1))
         figure.savefig(os.path.join(out, f"{name}.png"), dpi=110)
         plt.close(figure)
 
