@@ -18,15 +18,17 @@ Once c * exp(max A / beta) would have to fall below -1/e, the principal branch W
 minimiser then puts one sample on the other branch W_-1, with most of the mass: the target collapses onto
 one completion (`induced_target`).
 
-Part I, the algorithm, reads alone, in the order the data flows: config, task and reward, model, the
-lagged generator (a plain decode loop on the KV cache), the policy's log-probs (a plain forward),
-advantages, the losses (each with its equation), diagnostics, one RL step (backward in micro-batches),
-the training loop. It is the code that runs, but for two faster drop-ins that `prepare_models` swaps in on
-two visible lines, each with its plain function's signature and a test that both compute the same: the
-update runs `shared_prompt_logits` (a group's prompt computed once, not G times), and on a GPU sampling
-runs a compiled decode step. Below the line `# Appendix` is the machinery: flags, loading and warm
-starts, the math-answer checker, the drop-ins, run files and `main`. Experiments built on it live beside
-it: `experiments/compare.py` (grids of losses x lags x seeds, tables, plots), `experiments/targets.py`
+Part I, the algorithm, reads alone, in the order the data flows (after the flags, `Config`): task and
+reward, the lagged generator (a plain decode loop on the KV cache), the policy's log-probs (a plain
+forward), advantages, the losses (each with its equation), one RL step (backward in micro-batches), its
+diagnostics, the training loop (which calls the appendix to start a run, evaluate and write files).
+It is the code that runs, but for two faster drop-ins that `prepare_models` swaps in on two visible
+lines, each with its plain function's signature and a test that both compute the same: the update
+runs `shared_prompt_logits` (a group's prompt computed once, not G times), and on a GPU sampling runs
+a compiled decode step. Below the line `# Appendix` is the machinery: flags, loading and warm starts,
+the math-answer checker, two diagnostics (mass leakage; eq. 2's target on Lambert's W), the drop-ins,
+starting and evaluating a run, run files and `main`. Experiments built on it live beside it:
+`experiments/compare.py` (grids of losses x lags x seeds, tables, plots), `experiments/targets.py`
 (eq. 2's targets for one group, drawn), `experiments/bench.py` (seconds per step, tokens/s, memory, MFU).
 
 What this file leaves out, on purpose:
@@ -398,8 +400,8 @@ def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def ppo_loss(policy_logp, behavior_logp, completion_mask, rewards, clip_eps: float = 0.2):
     """PPO/GRPO clip against the generator, no KL term:
-    L = -mean_t min(ratio_t * A_group, clip(ratio_t, 1 - eps, 1 + eps) * A_group),
-    ratio_t = exp(log pi(y_t) - log mu(y_t)), A_group = (r - mean) / (std + eps).
+    L = -mean_y mean_{t in y} min(ratio_t * A_group, clip(ratio_t, 1 - eps, 1 + eps) * A_group),
+    ratio_t = exp(log pi(y_t) - log mu(y_t)) (the log-ratio clamped to +-20), A_group = (r - mean) / (std + eps).
     """
     advantages = grpo_advantages(rewards)
     token_advantage = advantages.reshape(-1, 1)  # (N, 1)
@@ -411,7 +413,7 @@ def ppo_loss(policy_logp, behavior_logp, completion_mask, rewards, clip_eps: flo
 
 def tis_loss(policy_logp, behavior_logp, completion_mask, rewards, is_cap: float = 2.0):
     """Truncated importance-sampling policy gradient:
-    L = -mean_t stopgrad(min(ratio_t, C)) * A_group * log pi(y_t).
+    L = -mean_y mean_{t in y} stopgrad(min(ratio_t, C)) * A_group * log pi(y_t).
     """
     advantages = grpo_advantages(rewards)
     ratio = torch.exp((policy_logp - behavior_logp).clamp(-20, 20)).detach()
@@ -442,7 +444,7 @@ def oapl_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float,
 
 def apo_loss(policy_logp, ref_logp, completion_mask, rewards, ref_value, beta: float,
              length_normalize: bool = False):
-    """A*-PO (arXiv 2505.20686), eq. 1 anchored on the reference policy:
+    """A*-PO (arXiv 2505.20686), eq. 1 with pi_ref in mu's place in the log-ratio (the samples still come from mu):
     L = mean (beta * log(pi/pi_ref)(y) - (r - V_ref))^2, with V_ref = beta_v log mean exp(r/beta_v)
     estimated once per prompt from pi_ref's own samples; ref_value: (groups, 1).
     """
@@ -489,17 +491,19 @@ def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor)
             "clip_fraction": clipped.float().mean().item()}
 
 
-def loss_mask(truncated: str, rollout: Rollout) -> torch.Tensor:
+def loss_mask(on_truncation: str, rollout: Rollout) -> torch.Tensor:
     """The tokens the loss sums over (N, T): the completion's, none of a cut completion's with --truncated mask."""
-    if truncated == "mask":
+    if on_truncation == "mask":
         return rollout.completion_mask & ~rollout.truncated[:, None]
     return rollout.completion_mask
 
 
 def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=None, ref_value=None):
     """The loss chosen by --loss with its hyper-parameters. With --truncated mask, completions cut at
-    --max-new-tokens carry no gradient (their mask is empty) but still count in their group's baseline."""
-    mask, behavior_logp, norm = loss_mask(cfg.truncated, rollout), rollout.behavior_logp, cfg.length_normalize
+    --max-new-tokens carry no gradient (no tokens in the mask) but stay rows: in their group's baseline, in each
+    mean over completions (an eq. 1 term (0 - A)^2), and, with log-ratio 0, in centred's group mean."""
+    mask = loss_mask(cfg.truncated, rollout)  # (N, T) the tokens the loss sums over
+    behavior_logp, norm = rollout.behavior_logp, cfg.length_normalize
     if cfg.loss == "ppo":
         return ppo_loss(policy_logp, behavior_logp, mask, rewards, cfg.clip_eps)
     if cfg.loss == "tis":
@@ -520,56 +524,8 @@ def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=N
 
 
 # ----------------------------------------------------------------------------------------------
-# Diagnostics: the split of eq. 1 into a centred part and a mean term, and the metrics line of a step (with
-# two diagnostics from the appendix: the regimes of eq. 2's target, `regime_diagnostics`, and `mass_leakage`).
-# ----------------------------------------------------------------------------------------------
-def regression_split(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float):
-    """eq. 1 on each group splits exactly into a centred part and a mean term (README, "The math"),
-    mean_i (beta d_i - A_i)^2 = mean_i (beta (d_i - dbar) - (A_i - Abar))^2 + (beta dbar - Abar)^2;
-    both averaged over groups, as the losses are. (groups, G) in, two scalars out."""
-    log_ratio_mean, advantage_mean = group_mean(log_ratio), group_mean(advantages)
-    centred = ((beta * (log_ratio - log_ratio_mean) - (advantages - advantage_mean)) ** 2).mean()
-    return centred, ((beta * log_ratio_mean - advantage_mean) ** 2).mean()
-
-
-def step_metrics(cfg: Config, step: int, result: StepResult) -> dict:
-    """One line of metrics.jsonl (README, "Reading metrics.jsonl"): the batch as the policy saw it
-    before the update, the loss's own diagnostics, the regime and mean-term diagnostics. The regimes
-    are those of eq. 2 on the G samples from mu, so apo (anchored on pi_ref) has none."""
-    rollout, rewards, mask = result.rollout, result.rewards, result.rollout.completion_mask  # (groups, G), (N, T)
-    advantages = result.diagnostics["advantages"].detach()                                   # (groups, G)
-    policy_sequence_logp = sequence_sum(result.policy_logp, mask)                            # (N,)
-    behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)                       # (N,)
-    token_log_ratio = (result.policy_logp - rollout.behavior_logp)[mask]                     # (tokens,)
-    sequence_log_ratio = policy_sequence_logp - behavior_sequence_logp  # (N,) d_i = log pi/mu of each completion
-    tokens = int(mask.sum())
-    record = {
-        "step": step, "staleness": rollout.staleness, "loss": result.loss.item(), "reward_mean": rewards.mean().item(),
-        "advantage_mean": advantages.mean().item(), "grad_norm": result.grad_norm.item(),
-        "entropy": result.entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
-        "log_ratio_mean": sequence_log_ratio.mean().item(),
-        "log_ratio_abs_mean": sequence_log_ratio.abs().mean().item(),  # at staleness 0: the rounding floor
-        "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
-        "kl_sequence": (sequence_log_ratio.clamp(max=20).exp() - 1 - sequence_log_ratio).mean().item(),
-        "equal_reward_groups": (rewards == rewards[:, :1]).all(-1).float().mean().item(),
-        **mass_leakage(policy_sequence_logp, behavior_sequence_logp, rollout.completion_ids, mask, cfg.group_size),
-        **{key: value for key, value in result.diagnostics.items() if key != "advantages"},
-    }
-    if cfg.loss in ("oapl", "pmd", "shifted"):  # anchored on mu, a baseline per group (apo's anchor is pi_ref)
-        record.update(regime_diagnostics(advantages, rewards, cfg.beta))
-        # (N,) the log-ratios the loss regressed, on its own mask: the two parts sum to the loss
-        loss_log_ratio = sequence_sum(result.policy_logp - rollout.behavior_logp, loss_mask(cfg.truncated, rollout),
-                                      cfg.length_normalize)
-        centred, mean_term = regression_split(loss_log_ratio.view_as(rewards), advantages, cfg.beta)
-        record.update(mean_term_target=(group_mean(advantages) / cfg.beta).mean().item(),
-                      loss_centred=centred.item(), loss_mean_term=mean_term.item())
-    record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch)
-    return record
-
-
-# ----------------------------------------------------------------------------------------------
-# One RL step: refresh the generator when its lag is up, sample G completions per prompt, score them,
-# compute the loss and its gradient (in micro-batches), and take an AdamW step.
+# One RL step: sample G completions per prompt from the (possibly stale) generator, score them, compute
+# the loss and its gradient (in micro-batches), and take an AdamW step.
 # ----------------------------------------------------------------------------------------------
 def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
     return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
@@ -613,7 +569,7 @@ def prepare_models(cfg: Config, policy, tokenizer, device: torch.device, precisi
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     models = ModelsAndOptimizer(policy, generator, reference, optimizer, precision)
     # The two faster drop-ins, each with the plain function's signature and a test that both compute the same:
-    models.logits_of = shared_prompt_logits  # completion_logits with a group's prompt run once, not G times
+    models.logits_of = shared_prompt_logits  # completion_logits, a group's prompt run once (delete: the plain one)
     models.next_logits = compiled_decoding_if_wanted(cfg, generator, tokenizer, device)  # --compile, on a GPU
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(policy)
@@ -675,13 +631,14 @@ def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micr
     """loss.backward() for loss = loss_of(policy_logp), one micro-batch of rows at a time.
 
     Why the gradient is the full batch's: each loss here is a mean over completions of a term that depends
-    on that completion's log-probs alone (the advantages depend on the rewards alone), except centred's,
-    which depends on its whole group's, so centred takes micro-batches of whole groups. Each pass computes
-    the full-batch loss with this micro-batch's log-probs carrying the graph and zeros, with no graph, in
-    the other rows: its gradient is exactly this micro-batch's share of the full-batch gradient, since the
-    other rows' terms do not touch these rows. The shares add up to the full gradient with no rescaling,
-    and only one micro-batch's activations are alive at a time. Returns the full-batch (loss, diagnostics)
-    and the detached (policy_logp, entropy), both (N, T).
+    on that completion's log-probs alone (the advantages on the rewards alone), except centred's, which
+    depends on its whole group's, so centred takes micro-batches of whole groups. Each pass computes the
+    full-batch loss with this micro-batch's log-probs carrying the graph and constants in the other rows
+    (earlier rows their detached values, later rows zeros): by the chain rule its gradient is this
+    micro-batch's share, dL/dlogp_part * dlogp_part/dtheta, whatever those constants are, since the other
+    rows' terms do not touch these rows. The shares add up to the full gradient with no rescaling, and only
+    one micro-batch's activations are alive at a time. Returns the full batch's (loss, diagnostics) and the
+    detached (policy_logp, entropy), both (N, T).
     """
     device = rollout.completion_ids.device
     policy_logp, entropy = torch.zeros_like(rollout.behavior_logp), torch.zeros_like(rollout.behavior_logp)  # (N, T)
@@ -706,19 +663,17 @@ class StepResult:
     entropy: torch.Tensor      # (N, T)
     grad_norm: torch.Tensor    # before clipping
     micro_batch: int           # rows per forward/backward pass
-    seconds: dict              # generation (refresh, sampling, A*-PO's V_ref samples), logprobs (pi_ref's), update
+    seconds: dict              # generation (sampling, A*-PO's V_ref samples), logprobs (pi_ref's), update
     ref_logp: torch.Tensor | None = None   # A*-PO: (N, T) log pi_ref
     ref_value: torch.Tensor | None = None  # A*-PO: (groups, 1) V_ref
 
 
 def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tuple[str, str]], staleness: int,
             uniforms: torch.Tensor, ref_values: dict, checker=reward) -> StepResult:
-    """One optimizer step: G completions per prompt from the generator (first refreshed from the policy, in
-    place, when staleness is 0), rewards, loss, backward, AdamW. uniforms: (prompts * G, max_new_tokens)."""
+    """One optimizer step: G completions per prompt from the generator (which the loop refreshes every `lag`
+    steps; staleness counts the steps since), rewards, loss, backward, AdamW. uniforms: (prompts * G, T max)."""
     policy, generator, optimizer, precision = models.policy, models.generator, models.optimizer, models.precision
     device, seconds, tick = next(policy.parameters()).device, {}, time.perf_counter()
-    if staleness == 0:
-        refresh_generator(generator, policy)
     with autocast(device, precision):
         rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
                                 cfg.temperature, uniforms, staleness, models.next_logits)  # N = prompts * G rows
@@ -755,24 +710,60 @@ def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tupl
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop: start (or resume: `start_run`, appendix), then every step refresh-or-not, sample, score, update,
-# log.
+# Diagnostics: the split of eq. 1 into a centred part and a mean term, and the metrics line of a step (with
+# two diagnostics from the appendix: the regimes of eq. 2's target, `regime_diagnostics`, and `mass_leakage`).
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256,
-             checker=reward, next_logits=next_token_logits) -> float:
-    """Greedy accuracy on held-out problems, in batches."""
-    correct = 0.0
-    for start in range(0, len(problems), batch_size):
-        batch = problems[start:start + batch_size]
-        rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
-                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None, next_logits=next_logits)
-        correct += score(tokenizer, rollout, [a for _, a in batch], 1, checker).sum().item()
-    return correct / len(problems)
+def regression_split(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float):
+    """eq. 1 on each group splits exactly into a centred part and a mean term (README, "The math"),
+    mean_i (beta d_i - A_i)^2 = mean_i (beta (d_i - dbar) - (A_i - Abar))^2 + (beta dbar - Abar)^2;
+    both averaged over groups, as the losses are. (groups, G) in, two scalars out."""
+    log_ratio_mean, advantage_mean = group_mean(log_ratio), group_mean(advantages)
+    centred = ((beta * (log_ratio - log_ratio_mean) - (advantages - advantage_mean)) ** 2).mean()
+    return centred, ((beta * log_ratio_mean - advantage_mean) ** 2).mean()
 
 
+def step_metrics(cfg: Config, step: int, result: StepResult) -> dict:
+    """One line of metrics.jsonl (README, "Reading metrics.jsonl"): the batch as the policy saw it
+    before the update, the loss's own diagnostics, the regime and mean-term diagnostics. The regimes
+    are those of eq. 2 on the G samples from mu, so apo (anchored on pi_ref) has none."""
+    rollout, rewards, mask = result.rollout, result.rewards, result.rollout.completion_mask  # (groups, G), (N, T)
+    advantages = result.diagnostics["advantages"].detach()                                   # (groups, G)
+    policy_sequence_logp = sequence_sum(result.policy_logp, mask)                            # (N,)
+    behavior_sequence_logp = sequence_sum(rollout.behavior_logp, mask)                       # (N,)
+    token_log_ratio = (result.policy_logp - rollout.behavior_logp)[mask]                     # (tokens,)
+    sequence_log_ratio = policy_sequence_logp - behavior_sequence_logp  # (N,) d_i = log pi/mu of each completion
+    tokens = int(mask.sum())
+    record = {
+        "step": step, "staleness": rollout.staleness, "loss": result.loss.item(), "reward_mean": rewards.mean().item(),
+        "advantage_mean": advantages.mean().item(), "grad_norm": result.grad_norm.item(),
+        "entropy": result.entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
+        "log_ratio_mean": sequence_log_ratio.mean().item(),
+        "log_ratio_abs_mean": sequence_log_ratio.abs().mean().item(),  # at staleness 0: the rounding floor
+        "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
+        "kl_sequence": (sequence_log_ratio.clamp(max=20).exp() - 1 - sequence_log_ratio).mean().item(),
+        "equal_reward_groups": (rewards == rewards[:, :1]).all(-1).float().mean().item(),
+        **mass_leakage(policy_sequence_logp, behavior_sequence_logp, rollout.completion_ids, mask, cfg.group_size),
+        **{key: value for key, value in result.diagnostics.items() if key != "advantages"},
+    }
+    if cfg.loss in ("oapl", "pmd", "shifted"):  # anchored on mu, a baseline per group (apo's anchor is pi_ref)
+        record.update(regime_diagnostics(advantages, rewards, cfg.beta))
+        # (N,) the log-ratios the loss regressed, on its own mask: the two parts sum to the loss
+        loss_log_ratio = sequence_sum(result.policy_logp - rollout.behavior_logp, loss_mask(cfg.truncated, rollout),
+                                      cfg.length_normalize)
+        centred, mean_term = regression_split(loss_log_ratio.view_as(rewards), advantages, cfg.beta)
+        record.update(mean_term_target=(group_mean(advantages) / cfg.beta).mean().item(),
+                      loss_centred=centred.item(), loss_mean_term=mean_term.item())
+    record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop: start (or resume: `start_run`, appendix), then every step refresh-or-not, sample, score, update,
+# log; greedy accuracy (`accuracy`, appendix) every --eval-every steps.
+# ----------------------------------------------------------------------------------------------
 def train(cfg: Config, problems: tuple[list, list] | None = None, quiet: bool = False) -> dict:
     """One run, from its warm start or its last checkpoint to --steps; returns summary.json's contents."""
+    cfg = resolve_defaults(cfg)  # a Config() built in Python: its placeholders resolved, as the command line's are
     run, start_step = start_run(cfg, problems)
     started = time.time() - run.totals["seconds"]
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run.folder.path), initial=start_step,
@@ -781,6 +772,8 @@ def train(cfg: Config, problems: tuple[list, list] | None = None, quiet: bool = 
         # 1. the generator is refreshed from the policy every `lag` steps (staleness 0), stale in between;
         # 2. it samples, the completions are scored, the policy is updated
         staleness = (step - 1) % cfg.lag
+        if staleness == 0:
+            refresh_generator(run.models.generator, run.models.policy)  # mu <- pi
         batch = run.prompt_rng.sample(run.train_problems, cfg.prompts_per_step)
         uniforms = fixed_uniforms(f"{cfg.seed}|{step}", len(batch) * cfg.group_size, cfg.max_new_tokens)
         try:
@@ -1644,8 +1637,21 @@ def peak_memory(device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Starting a run: the data, the model (loaded, warm-started or resumed), the evaluation of the start.
+# Starting and evaluating a run: the data, the model (loaded, warm-started or resumed), greedy accuracy.
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256,
+             checker=reward, next_logits=next_token_logits) -> float:
+    """Greedy accuracy on held-out problems, in batches."""
+    correct = 0.0
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start:start + batch_size]
+        rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None, next_logits=next_logits)
+        correct += score(tokenizer, rollout, [a for _, a in batch], 1, checker).sum().item()
+    return correct / len(problems)
+
+
 @dataclass
 class Run:
     """What a run carries from step to step; its checkpoint holds the parts that change."""

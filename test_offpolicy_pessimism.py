@@ -737,6 +737,8 @@ def wiring_run(tiny, argv, monkeypatch, steps=1):
     for step in range(1, steps + 1):
         before = copy.deepcopy(models.policy)
         staleness = step % cfg.lag  # the first batch comes from the moved generator, not a refreshed one
+        if staleness == 0:
+            op.refresh_generator(models.generator, models.policy)
         result = op.rl_step(cfg, models, tokenizer, WIRING_BATCH, staleness,
                             op.fixed_uniforms(f"wiring|{step}", 12, cfg.max_new_tokens), ref_values,
                             op.CHECKERS[cfg.checker])  # the checker train() passes: even_length_checker here

@@ -24,7 +24,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from offpolicy_pessimism import (CHECKERS, CompiledDecodeStep, Config, UsageError, check_config, flag,  # noqa: E402
                                  device_and_precision, fixed_uniforms, load_model, load_task, peak_memory,
-                                 prepare_models, rl_step, run_command, write_atomically)
+                                 prepare_models, refresh_generator, rl_step, run_command,
+                                 write_atomically)
 
 
 @dataclass
@@ -75,6 +76,8 @@ def benchmark(cfg: BenchConfig, problems: tuple[list, list]) -> dict:
     for step in tqdm(range(cfg.bench + 1), desc="bench", dynamic_ncols=True):
         batch = prompt_rng.sample(train_problems, cfg.prompts_per_step)
         uniforms = fixed_uniforms(f"{cfg.seed}|{step}", len(batch) * cfg.group_size, cfg.max_new_tokens)
+        if step % cfg.lag == 0:
+            refresh_generator(models.generator, models.policy)
         result = rl_step(cfg, models, tokenizer, batch, step % cfg.lag, uniforms, {}, CHECKERS[cfg.checker])
         if step > 0:  # step 0 warms up the allocator, the kernels and first-call overheads; keep numbers only
             timed_steps.append({**result.seconds, "micro_batch": result.micro_batch,
