@@ -1892,7 +1892,7 @@ def drop_lines_after(path: str, step: int) -> None:
     with open(path) as f:
         cut = not f.read().endswith("\n")
     records = read_lines(path)
-    if cut and records is not None:
+    if cut:
         tqdm.write(f"{path}: its last line was cut short (a stop mid-write), dropped")
     write_atomically(path, "".join(json.dumps(m) + "\n" for m in records if m["step"] <= step).rstrip("\n"))
 
