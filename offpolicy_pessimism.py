@@ -487,6 +487,8 @@ def centred_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: flo
 
 def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor) -> dict:
     ratio, clipped = ratio.detach()[mask], clipped[mask]
+    if ratio.numel() == 0:  # every completion cut under --truncated mask: no token to measure
+        return {"ratio_mean": math.nan, "ratio_max": math.nan, "clip_fraction": math.nan}
     return {"ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(),
             "clip_fraction": clipped.float().mean().item()}
 

@@ -1464,6 +1464,17 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient(loss, tiny):
             assert torch.allclose(g_micro, g_full, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("loss", ["ppo", "tis"])
+def test_ratio_losses_take_a_batch_whose_every_completion_was_cut_and_masked(loss):
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    policy_logp = (-torch.rand(4, 3)).requires_grad_()
+    nothing = torch.zeros(4, 3, dtype=torch.bool)  # --truncated mask with every completion cut
+    value, stats = {"ppo": op.ppo_loss, "tis": op.tis_loss}[loss](policy_logp, -torch.rand(4, 3), nothing, rewards)
+    value.backward()
+    assert value.item() == 0 and torch.all(policy_logp.grad == 0)  # no token: no gradient, no crash
+    assert all(math.isnan(stats[key]) for key in ("ratio_mean", "ratio_max", "clip_fraction"))
+
+
 def test_compute_loss_refuses_an_unknown_loss_name(tiny):
     _, rollout, rewards = perturbed_batch(tiny)
     for loss in op.LOSSES:  # every known name has its loss
