@@ -1872,6 +1872,11 @@ def append_line(path: str, record: dict) -> None:
 def read_lines(path: str) -> list[dict]:
     """The records of a JSON-lines file. A last line cut short (the machine stopped mid-append) is left out;
     any other line that is not JSON stops with one line naming it."""
+    return read_lines_and_cut(path)[0]
+
+
+def read_lines_and_cut(path: str) -> tuple[list[dict], bool]:
+    """read_lines' records, and whether a last line cut short was left out."""
     with open(path) as f:
         lines = f.read().splitlines()
     records = []
@@ -1883,7 +1888,8 @@ def read_lines(path: str) -> list[dict]:
         except json.JSONDecodeError:
             if number < len(lines):
                 raise UsageError(f"{path}, line {number}, is not JSON ({line[:60]!r}): the file is damaged") from None
-    return records
+            return records, True
+    return records, False
 
 
 def drop_lines_after(path: str, step: int) -> None:
@@ -1891,9 +1897,7 @@ def drop_lines_after(path: str, step: int) -> None:
     rewritten, then renamed); a cut line is said."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        cut = not f.read().endswith("\n")
-    records = read_lines(path)
+    records, cut = read_lines_and_cut(path)  # the file read once
     if cut:
         tqdm.write(f"{path}: its last line was cut short (a stop mid-write), dropped")
     write_atomically(path, "".join(json.dumps(m) + "\n" for m in records if m["step"] <= step).rstrip("\n"))
