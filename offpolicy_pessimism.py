@@ -4,32 +4,35 @@ At scale, rollouts come from a *lagged* copy of the policy (the generator mu, re
 policy pi every `--lag` steps), so learning is off-policy. This script reproduces that on one GPU or
 a laptop CPU and compares the objectives discussed in arXiv 2605.28150 ("Off-Policy Learning to
 Reason Works Because It Is More Pessimistic Than You Think"): importance-weighted policy gradients
-(`ppo`, `tis`), ratio-free REINFORCE (`reinforce`), and ratio-free squared regressions of
-beta * log(pi/mu) on an advantage (`oapl`, `apo`, `pmd`, `shifted`: the paper's beta-shifted mean
-as we read it, and the control `centred`). With x a prompt, y one of its G completions, r in {0, 1}
-its reward:
+(`ppo`, `tis`), and the ratio-free ones, which weight no sample by pi/mu: REINFORCE (`reinforce`) and
+squared regressions of a log-ratio on an advantage, beta * log(pi/mu) (`oapl`, `pmd`, `shifted`: the
+paper's beta-shifted mean as we read it, and the control `centred`) or beta * log(pi/pi_ref) (`apo`).
+With x a prompt, y one of its G completions, r in {0, 1} its reward:
 
     eq. 1   L(theta) = E_x E_{y ~ mu} [ (beta * log(pi(y)/mu(y)) - A(x, y))^2 ],   A = r - b(x)
     eq. 2   pi_c(y) = mu(y) * W(c * exp(A(y)/beta)) / c,   c chosen so that sum_y pi_c(y) = 1
 
-eq. 2 is eq. 1's minimiser over distributions on a group's G samples (W: a real Lambert-W branch):
-c > 0 is the pessimistic regime, c = 0 the Boltzmann target mu exp(A/beta) / Z, c < 0 the negative one.
-Once c * exp(max A / beta) would have to fall below -1/e, the principal branch W0 cannot normalise; the
-minimiser then puts one sample on the other branch W_-1, with most of the mass: the target collapses onto
-one completion (`induced_target`).
+eq. 2 is eq. 1's minimiser over distributions on a group's G samples, with mu the empirical distribution
+of the group (uniform over its G samples; W: a real Lambert-W branch). c has the sign of
+log mean_y exp(A(y)/beta) (`regime_shares` logs it): c > 0 is the pessimistic regime, c = 0 the Boltzmann
+target mu exp(A/beta) / Z, c < 0 the negative one. A negative c alone does not collapse the target (equal
+rewards at A/beta = -0.5: the minimiser is mu itself), but once c * exp(max A / beta) would have to fall
+below -1/e the principal branch W0 cannot normalise, and the minimiser puts one sample on the other branch
+W_-1, with most of the mass; it can also do so a little before that point, with less (a third or so).
+`experiments/targets.py` solves eq. 2 exactly and draws it.
 
 Part I, the algorithm, reads alone, in the order the data flows (after the flags, `Config`): task and
 reward, the lagged generator (a plain decode loop on the KV cache), the policy's log-probs (a plain
-forward), advantages, the losses (each with its equation), one RL step (backward in micro-batches), its
-diagnostics, the training loop (which calls the appendix to start a run, evaluate and write files).
-It is the code that runs, but for two faster drop-ins that `prepare_models` swaps in on two visible
-lines, each with its plain function's signature and a test that both compute the same: the update
-runs `shared_prompt_logits` (a group's prompt computed once, not G times), and on a GPU sampling runs
-a compiled decode step. Below the line `# Appendix` is the machinery: flags, loading and warm starts,
-the math-answer checker, two diagnostics (mass leakage; eq. 2's target on Lambert's W), the drop-ins,
+forward), advantages, the losses (each with its equation), one RL step (sample, score, loss, backward in
+micro-batches, AdamW step), its diagnostics, the training loop (which calls the appendix to start a run,
+evaluate and write files). It is the code that runs; `--fast` swaps in one drop-in, on one visible line of
+`prepare_models`: the update's `shared_prompt_logits` (a group's prompt computed once, not G times), with
+`completion_logits`' signature and a test that both compute the same. Below the line `# Appendix` is the
+machinery: flags, loading and warm starts, the math-answer checker, mass leakage, the drop-in and memory,
 starting and evaluating a run, run files and `main`. Experiments built on it live beside it:
 `experiments/compare.py` (grids of losses x lags x seeds, tables, plots), `experiments/targets.py`
-(eq. 2's targets for one group, drawn), `experiments/bench.py` (seconds per step, tokens/s, memory, MFU).
+(eq. 2 solved exactly with Lambert's W, drawn for one group), `experiments/bench.py` (seconds per step,
+tokens/s, memory, MFU, the largest micro-batch that fits).
 
 What this file leaves out, on purpose:
   1. one optimizer step per sampled batch (no PPO epochs): pi/mu differs from 1 through the lag, and
@@ -75,7 +78,6 @@ from tqdm import tqdm
 LOSSES = ("ppo", "tis", "reinforce", "oapl", "apo", "pmd", "shifted", "centred")
 TASKS = ("arith", "gsm8k", "math", "jsonl")
 BUILTIN_WARM_START_STEPS = 600  # supervised steps that teach the built-in model the task's format before RL
-ACTIVATION_BUDGET_GB = 8.0  # --micro-batch 0: activations kept for the backward pass, per micro-batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,10 +130,10 @@ class Config:
     precision: str = flag("auto", "matmul precision: bf16 autocast (fp32 weights and log-softmax), or fp32; "
                           "auto = bf16 on a CUDA GPU that has it", choices=("auto", "fp32", "bf16"))
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, ~30% slower)")
-    micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's (0: "
-                            f"per step, the most whole groups whose activations fit {ACTIVATION_BUDGET_GB:g} GB)")
-    compile: str = flag("auto", "sample with a static KV cache and a compiled decode step (auto: on CUDA for a --model "
-                        "run when Triton is there, eager if it fails)", choices=("auto", "on", "off"))
+    micro_batch: int = flag(0, "completions per forward/backward; gradients accumulate to the full batch's (0: the "
+                            "whole batch; experiments/bench.py --activation-budget finds the most that fit)")
+    fast: bool = flag(False, "the update runs a group's prompt once, not G times (shared_prompt_logits, the drop-in "
+                      "for completion_logits; a test shows both compute the same)")
     out: str = flag("runs", "folder for run sub-folders and the cached warm start")
     device: str = flag("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = flag(False, "continue the run in its folder from its last checkpoint")
@@ -232,8 +234,9 @@ def last_logits_only(model, count: int = 1) -> dict:
 
 def fixed_uniforms(key: str, rows: int, columns: int) -> torch.Tensor:
     """Uniforms in [0, 1) (rows, columns), float64 on the CPU, from a generator seeded by a hash of `key`
-    ("seed|step"). Why not torch.multinomial: fixed uniforms per step let a resumed run, a replayed step
-    and the compiled drop-in draw the same tokens, on any device."""
+    ("seed|step"). Why not torch.multinomial: with fixed uniforms per step, a resumed run and a replayed step
+    draw the same tokens on any device, as long as they compute the same logits (logits that differ in
+    rounding can, rarely, move a token across a uniform's threshold)."""
     seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
     return torch.rand(rows, columns, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -241,15 +244,14 @@ def fixed_uniforms(key: str, rows: int, columns: int) -> torch.Tensor:
 def next_token_logits(model, cache_argument: dict, token: torch.Tensor, attention_mask: torch.Tensor,
                       position: torch.Tensor) -> torch.Tensor:
     """The last token of every row (rows, 1) in, the next logits (rows, V) out in fp32; the model appends its
-    keys and values to the cache in `cache_argument`. `CompiledDecodeStep` (appendix) is the drop-in."""
+    keys and values to the cache in `cache_argument`."""
     return model(input_ids=token, attention_mask=attention_mask.long(), position_ids=position, use_cache=True,
                  **cache_argument).logits[:, -1].float()
 
 
 @torch.no_grad()
 def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, eos_id: int,
-                       pad_id: int, uniforms: torch.Tensor | None, repeats: int = 1,
-                       next_logits=next_token_logits) -> Rollout:
+                       pad_id: int, uniforms: torch.Tensor | None, repeats: int = 1) -> Rollout:
     """Sample `repeats` completions per prompt (rows prompt-major) with the KV cache. Temperature 0 is greedy
     (uniforms None); else token t of row i is drawn from uniforms[i, t] (rows, >= max_new_tokens).
 
@@ -287,7 +289,7 @@ def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, 
         if finished.all() or t == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # (N, P + t + 1)
-        logits = next_logits(model, {cache_name: kv_cache}, token[:, None], attention_mask, next_position)  # (N, V)
+        logits = next_token_logits(model, {cache_name: kv_cache}, token[:, None], attention_mask, next_position)  # (N, V)
         next_position = next_position + 1
     completion_ids = torch.stack(tokens, dim=1)  # (N, T), T <= max_new_tokens
     completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
@@ -296,20 +298,18 @@ def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, 
 
 
 def sample_groups(generator, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int,
-                  temperature: float, uniforms: torch.Tensor, staleness: int = 0,
-                  next_logits=next_token_logits) -> Rollout:
+                  temperature: float, uniforms: torch.Tensor, staleness: int = 0) -> Rollout:
     """G completions per prompt from the (possibly stale) generator; the batch carries its staleness."""
     rollout = sample_completions(generator, encode_prompts(tokenizer, prompts), max_new_tokens, temperature,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id, uniforms, group_size, next_logits)
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, uniforms, group_size)
     rollout.staleness = staleness
     return rollout
 
 
-@torch.no_grad()
 def refresh_generator(generator, policy) -> None:
-    """mu <- pi_theta, copying the weights in place (no new allocation)."""
-    for generator_tensor, policy_tensor in zip(generator.state_dict().values(), policy.state_dict().values()):
-        generator_tensor.copy_(policy_tensor)
+    """mu <- pi_theta: load_state_dict copies the weights into the generator's own tensors (in its dtype, no new
+    allocation), after checking that both have the same names and shapes."""
+    generator.load_state_dict(policy.state_dict())
 
 
 def frozen_copy(model):
@@ -555,38 +555,35 @@ class ModelsAndOptimizer:
     reference: torch.nn.Module | None  # pi_ref, the policy as RL started (A*-PO only)
     optimizer: torch.optim.Optimizer
     precision: str                          # fp32, or bf16 autocast
-    next_logits: object = next_token_logits  # sampling's decode step: the plain one, or its compiled drop-in
     logits_of: object = completion_logits    # the update's completion logits: the plain forward, or its drop-in
-    bytes_per_token: float = 0.0             # activations kept for backward, per token: sizes --micro-batch 0
 
 
 def prepare_models(cfg: Config, policy, tokenizer, device: torch.device, precision: str) -> ModelsAndOptimizer:
     """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
     same log-probs), its generator mu, the reference pi_ref (A*-PO only) and the optimizer. With bf16 the
-    copies are stored in bf16: they only sample and score, and autocast rounds weights to bf16 anyway."""
+    copies are stored in bf16 (half the memory): autocast rounds only matmul inputs, so a copy's norms and
+    embeddings are rounded where the policy's are not, and pi/mu is not exactly 1 right after a refresh
+    (`log_ratio_abs_mean` at staleness 0 measures it)."""
     policy.to(device).eval()
     copy_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = frozen_copy(policy).to(copy_dtype)
     reference = frozen_copy(policy).to(copy_dtype) if cfg.loss == "apo" else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     models = ModelsAndOptimizer(policy, generator, reference, optimizer, precision)
-    # The two faster drop-ins, each with the plain function's signature and a test that both compute the same:
-    models.logits_of = shared_prompt_logits  # completion_logits, a group's prompt run once (delete: the plain one)
-    models.next_logits = compiled_decoding_if_wanted(cfg, generator, tokenizer, device)  # --compile, on a GPU
+    if cfg.fast:  # the faster drop-in (appendix): completion_logits' signature and numbers, a group's prompt run once
+        models.logits_of = shared_prompt_logits
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(policy)
-    if cfg.micro_batch == 0:
-        models.bytes_per_token = activation_bytes_per_token(policy, precision)
     return models
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the matmuls (weights, log-softmax and losses stay fp32), or a no-op for fp32."""
+    """bf16 autocast: matmul inputs are rounded to bf16 (the weights stay fp32; log-softmax and losses run in
+    fp32), or a no-op for fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def reference_values(reference, tokenizer, batch, values: dict, cfg: Config, checker=reward,
-                     next_logits=next_token_logits) -> torch.Tensor:
+def reference_values(reference, tokenizer, batch, values: dict, cfg: Config, checker=reward) -> torch.Tensor:
     """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref (seeded by the
     prompt, so V_ref does not depend on when it is first needed), then kept in `values` {prompt: V_ref}."""
     new = [(p, a) for p, a in dict(batch).items() if p not in values]
@@ -594,7 +591,7 @@ def reference_values(reference, tokenizer, batch, values: dict, cfg: Config, che
         uniforms = torch.cat([fixed_uniforms(f"{cfg.seed}|reference|{p}", cfg.group_size, cfg.max_new_tokens)
                               for p, _ in new])
         rollout = sample_groups(reference, tokenizer, [p for p, _ in new], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, uniforms, next_logits=next_logits)
+                                cfg.temperature, uniforms)
         rewards = score(tokenizer, rollout, [a for _, a in new], cfg.group_size, checker,
                         zero_truncated=cfg.truncated == "zero")  # (new prompts, G)
         values.update({p: v for (p, _), v in zip(new, soft_value(rewards, cfg.beta_value).squeeze(-1).tolist())})
@@ -602,30 +599,10 @@ def reference_values(reference, tokenizer, batch, values: dict, cfg: Config, che
     return torch.tensor([values[p] for p, _ in batch], device=device)[:, None]
 
 
-def seconds_since(tick: float, device: torch.device) -> float:
-    """Wall-clock seconds since `tick`, the GPU's queued work included."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - tick
-
-
 def micro_batches(rows: int, micro_batch: int) -> list[slice]:
     """Row slices of at most micro_batch rows (0: one slice with every row)."""
     size = micro_batch if 0 < micro_batch < rows else rows
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
-
-
-def auto_micro_batch(rollout: Rollout, group_size: int, bytes_per_token: float,
-                     budget_bytes: float = ACTIVATION_BUDGET_GB * 1e9) -> int:
-    """--micro-batch 0: the most whole groups whose activations fit the budget (a group is one prompt
-    pass plus G completions), or, when one group does not fit, the most rows that do (at least 1)."""
-    rows = rollout.completion_ids.shape[0]
-    prompt_width = int(rollout.prompt_mask.any(0).sum())          # columns left after trimming
-    completion_width = int(rollout.completion_mask.sum(-1).max())
-    group_bytes = (prompt_width + group_size * completion_width) * bytes_per_token
-    if group_bytes <= budget_bytes:
-        return min(rows, group_size * int(budget_bytes // group_bytes))
-    return max(1, int(budget_bytes // ((prompt_width + completion_width) * bytes_per_token)))
 
 
 def backward_in_micro_batches(policy, rollout: Rollout, temperature: float, micro_batch: int, loss_of,
@@ -664,8 +641,6 @@ class StepResult:
     policy_logp: torch.Tensor  # (N, T) detached: the policy before the update
     entropy: torch.Tensor      # (N, T)
     grad_norm: torch.Tensor    # before clipping
-    micro_batch: int           # rows per forward/backward pass
-    seconds: dict              # generation (sampling, A*-PO's V_ref samples), logprobs (pi_ref's), update
     ref_logp: torch.Tensor | None = None   # A*-PO: (N, T) log pi_ref
     ref_value: torch.Tensor | None = None  # A*-PO: (groups, 1) V_ref
 
@@ -674,28 +649,27 @@ def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tupl
             uniforms: torch.Tensor, ref_values: dict, checker=reward) -> StepResult:
     """One optimizer step: G completions per prompt from the generator (which the loop refreshes every `lag`
     steps; staleness counts the steps since), rewards, loss, backward, AdamW. uniforms: (prompts * G, T max)."""
-    policy, generator, optimizer, precision = models.policy, models.generator, models.optimizer, models.precision
-    device, seconds, tick = next(policy.parameters()).device, {}, time.perf_counter()
+    policy, optimizer, precision = models.policy, models.optimizer, models.precision
+    device = next(policy.parameters()).device
+    # 1. sample: G completions per prompt from the generator mu, N = prompts * G rows, with log mu per token
     with autocast(device, precision):
-        rollout = sample_groups(generator, tokenizer, [p for p, _ in batch], cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, uniforms, staleness, models.next_logits)  # N = prompts * G rows
+        rollout = sample_groups(models.generator, tokenizer, [p for p, _ in batch], cfg.group_size,
+                                cfg.max_new_tokens, cfg.temperature, uniforms, staleness)
         ref_value = None if models.reference is None else reference_values(  # (groups, 1)
-            models.reference, tokenizer, batch, ref_values, cfg, checker, models.next_logits)
+            models.reference, tokenizer, batch, ref_values, cfg, checker)
+    # 2. score: a reward per completion
     rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, checker,
                     zero_truncated=cfg.truncated == "zero")  # (groups, G)
-    seconds["generation"], tick = seconds_since(tick, device), time.perf_counter()
-
-    micro_batch = cfg.micro_batch or auto_micro_batch(rollout, cfg.group_size, models.bytes_per_token)
-    if cfg.loss == "centred":  # its loss couples a group's completions: micro-batches of whole groups
+    micro_batch = cfg.micro_batch
+    if cfg.loss == "centred" and micro_batch:  # its loss couples a group's completions: micro-batches of whole groups
         micro_batch = math.ceil(micro_batch / cfg.group_size) * cfg.group_size
     ref_logp = None
-    if models.reference is not None:  # the only extra pass: behaviour log-probs were recorded while sampling
+    if models.reference is not None:  # A*-PO's log pi_ref, the only extra pass (log mu was recorded while sampling)
         with torch.no_grad(), autocast(device, precision):
             ref_logp = torch.cat([completion_logprobs(models.reference, rollout.rows(part), cfg.temperature,
                                                       models.logits_of)[0]
                                   for part in micro_batches(rollout.completion_ids.shape[0], micro_batch)])  # (N, T)
-    seconds["logprobs"], tick = seconds_since(tick, device), time.perf_counter()
-
+    # 3. loss and 4. backward, a micro-batch of rows at a time (the gradient is the full batch's)
     optimizer.zero_grad(set_to_none=True)
     loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
         policy, rollout, cfg.temperature, micro_batch,
@@ -705,10 +679,10 @@ def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tupl
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
     if not torch.isfinite(grad_norm):
         raise TrainingDiverged(f"gradient norm is {grad_norm.item()}")
+    # 5. step
     optimizer.step()
-    seconds["update"] = seconds_since(tick, device)
-    return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, micro_batch,
-                      seconds, ref_logp, ref_value)
+    return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, ref_logp,
+                      ref_value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -755,7 +729,7 @@ def step_metrics(cfg: Config, step: int, result: StepResult) -> dict:
         centred, mean_term = regression_split(loss_log_ratio.view_as(rewards), advantages, cfg.beta)
         record.update(mean_term_target=(group_mean(advantages) / cfg.beta).mean().item(),
                       loss_centred=centred.item(), loss_mean_term=mean_term.item())
-    record.update(truncated_fraction=rollout.truncated.float().mean().item(), micro_batch=result.micro_batch)
+    record.update(truncated_fraction=rollout.truncated.float().mean().item())
     return record
 
 
@@ -767,7 +741,6 @@ def train(cfg: Config, problems: tuple[list, list] | None = None, quiet: bool = 
     """One run, from its warm start or its last checkpoint to --steps; returns summary.json's contents."""
     cfg = resolve_defaults(cfg)  # a Config() built in Python: its placeholders resolved, as the command line's are
     run, start_step = start_run(cfg, problems)
-    started = time.time() - run.totals["seconds"]
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run.folder.path), initial=start_step,
                total=cfg.steps, dynamic_ncols=True, disable=quiet)
     for step in bar:
@@ -784,9 +757,9 @@ def train(cfg: Config, problems: tuple[list, list] | None = None, quiet: bool = 
             raise TrainingDiverged(f"{error} at step {step}; the last good checkpoint stays in "
                                    f"{run.folder.checkpoint}")
         step_accuracy = accuracy(run) if step % cfg.eval_every == 0 or step == cfg.steps else None
-        # 3. the step's metrics: diagnostics on the batch as the policy saw it, then timings and memory
-        record = {**step_metrics(cfg, step, result), **speed_and_memory(result, run.device)}
-        log_step(run, step, batch, result, record, step_accuracy, started)
+        # 3. the step's metrics, on the batch as the policy saw it before the update (log_step adds the timing)
+        record = step_metrics(cfg, step, result)
+        log_step(run, step, batch, result, record, step_accuracy)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{run.evals[-1]:.3f}", stale=staleness)
     bar.close()
     return run.folder.write_summary(run)
@@ -813,7 +786,7 @@ def parse_config(argv: list[str] | None = None, config_class=Config, description
 
 def resolve_defaults(cfg: Config) -> Config:
     """Every placeholder default, resolved in this one place (config.json records it). Left to the machine:
-    --device / --precision auto (`device_and_precision`); --micro-batch 0 is sized per step (`auto_micro_batch`)."""
+    --device / --precision auto (`device_and_precision`)."""
     data_task = cfg.task != "arith"
     return dataclasses.replace(
         cfg,
@@ -861,9 +834,6 @@ def check_config(cfg: Config, one_run: bool = True) -> None:
             raise UsageError(f"--eval-fraction must be in (0, 1), got {cfg.eval_fraction}")
     if cfg.checker == "math_verify" and importlib.util.find_spec("math_verify") is None:
         raise UsageError("--checker math_verify needs the math_verify package: pip install math-verify")
-    if cfg.compile == "on" and not static_decoding_supported():
-        raise UsageError("--compile on needs transformers >= 5.4 (a StaticCache written in order); upgrade it or use "
-                         "--compile off")
     if one_run:
         RunFolder(cfg).check_start(cfg.resume)
 
@@ -893,6 +863,10 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, plain_pr
         raise UsageError(f"--model {name_or_path}: could not load it ({first_line})") from None
     if tokenizer.eos_token_id is None:
         raise UsageError(f"--model {name_or_path}: its tokenizer has no EOS token, which ends completions")
+    not_finite = [name for name, weight in model.named_parameters() if not torch.isfinite(weight).all()]
+    if not_finite:  # its probabilities would be NaN: sampling would fail deep inside, so say it here
+        raise UsageError(f"--model {name_or_path}: {len(not_finite)} weight tensors hold NaN or inf (first: "
+                         f"{not_finite[0]}); the model cannot be sampled from")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # masks come from lengths, so pad == EOS is safe
     if plain_prompts:
@@ -1012,13 +986,12 @@ def save_model_atomically(model, tokenizer, folder: str) -> bool:
 
 
 def print_where_it_runs(cfg: Config, model, source: str) -> None:
-    """A run's first line: device, precision, model, decoding; and, when --device auto lands on the CPU of a
+    """A run's first line: device, precision, model, the update's forward; and, when --device auto lands on the CPU of a
     machine with an NVIDIA driver, a line saying that torch cannot use its GPU."""
     device, precision = device_and_precision(cfg)
-    decoding = "compiled" if compiled_decoding_wanted(cfg, device, say_why=False) else "eager"
     parameters = sum(p.numel() for p in model.parameters())
     tqdm.write(f"running on {device_name(device)}, {precision}, {source} ({parameters / 1e6:.2f}M parameters), "
-               f"{decoding} decoding")
+               f"{'--fast: shared-prompt' if cfg.fast else 'plain'} update forward")
     if cfg.device == "auto" and device.type == "cpu" and nvidia_driver_present():
         tqdm.write("an NVIDIA driver is installed but torch cannot use CUDA, so this runs on the CPU: compare "
                    "python -c 'import torch; print(torch.cuda.is_available(), torch.version.cuda)' with the "
@@ -1460,9 +1433,8 @@ def regime_diagnostics(advantages: torch.Tensor, rewards: torch.Tensor, beta: fl
 
 
 # ----------------------------------------------------------------------------------------------
-# Faster drop-ins (each with its plain function's signature; a test shows both compute the same): one
-# prompt pass per group, a compiled decode step on a static cache; then memory: micro-batch sizing,
-# gradient checkpointing, and the step's speed and memory.
+# The faster drop-in (--fast: the plain function's signature, and a test shows both compute the same): one
+# prompt pass per group; then memory: gradient checkpointing, and the peak memory a step logs.
 # ----------------------------------------------------------------------------------------------
 def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """The drop-in for `completion_logits`: the same logits (N, T, V), with the graph. A group's rows share
@@ -1490,122 +1462,6 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, complet
     return torch.cat([first_logits, out.logits], dim=1)
 
 
-LENGTH_BUCKET = 128  # --compile: cache lengths are rounded up to a multiple of this, so new batches reuse a graph
-
-
-def static_decoding_supported() -> bool:
-    """Static caches written in order (prompt first, then one slot per token): transformers 5.4 and later."""
-    try:
-        from transformers.cache_utils import StaticLayer
-    except ImportError:
-        return False
-    return hasattr(StaticLayer(max_cache_len=1), "cumulative_length")
-
-
-def compiled_decoding_wanted(cfg: Config, device: torch.device, say_why: bool = True) -> bool:
-    """--compile on; or auto on CUDA for a --model run (6-token completions never repay a compile), when
-    transformers has static caches written in order and Triton can be imported."""
-    if cfg.compile != "auto":
-        return cfg.compile == "on"
-    if device.type != "cuda" or not cfg.model:
-        return False
-    missing = ("transformers >= 5.4" if not static_decoding_supported() else
-               "Triton" if importlib.util.find_spec("triton") is None else None)
-    if missing and say_why:
-        tqdm.write(f"decoding eagerly: compiled decoding needs {missing} (--compile off silences this)")
-    return missing is None
-
-
-class CompiledDecodeStep:
-    """The drop-in for `next_token_logits`: the same logits from a KV cache of fixed length. At a rollout's
-    first step the prompt's keys and values are copied from the plain cache (which then stays as it is) into
-    a preallocated StaticCache of prompt width + max_new_tokens, rounded up to LENGTH_BUCKET; every one-token
-    forward then has fixed shapes, so torch.compile builds it once per shape (with CUDA graphs on a GPU)."""
-
-    def __init__(self, max_new_tokens: int, backend: str = "inductor"):
-        self.max_new_tokens, self.backend = max_new_tokens, backend
-        self.compiled, self.static_caches = {}, {}  # per model; per (model, rows, length, dtype)
-        self.static_cache, self.static_mask = None, None  # the rollout being decoded: its cache, (rows, length)
-
-    def __call__(self, model, cache_argument: dict, token, attention_mask, position) -> torch.Tensor:
-        (cache_name, plain_cache), = cache_argument.items()
-        if attention_mask.shape[1] == plain_cache.get_seq_length() + 1:  # the plain cache holds the prompt only
-            self.static_cache, self.static_mask = self.start(model, plain_cache, attention_mask)
-        cuda_graphs = self.backend == "inductor" and token.device.type == "cuda"
-        if id(model) not in self.compiled:
-            self.compiled[id(model)] = torch.compile(model, backend=self.backend, dynamic=False,
-                                                     mode="reduce-overhead" if cuda_graphs else None)
-        if cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
-        return self.compiled[id(model)](input_ids=token, attention_mask=self.static_mask, position_ids=position,
-                                        use_cache=True, **{cache_name: self.static_cache}).logits[:, -1].float()
-
-    def start(self, model, plain_cache, attention_mask: torch.Tensor) -> tuple:
-        """The static cache holding the prompt's keys and values, and the mask of every step: the prompt's,
-        then ones."""
-        from transformers import StaticCache
-        rows, prompt_width = attention_mask.shape[0], plain_cache.get_seq_length()
-        length = math.ceil((prompt_width + self.max_new_tokens) / LENGTH_BUCKET) * LENGTH_BUCKET
-        key = (id(model), rows, length, plain_cache.layers[0].keys.dtype)
-        if key not in self.static_caches:
-            self.static_caches[key] = StaticCache(config=model.config, max_cache_len=length)
-        static_cache = self.static_caches[key]
-        static_cache.reset()
-        for layer_index, layer in enumerate(plain_cache.layers):
-            static_cache.update(layer.keys, layer.values, layer_index)
-        mask = torch.ones(rows, length, dtype=torch.long, device=attention_mask.device)
-        mask[:, :prompt_width] = attention_mask[:, :prompt_width]
-        return static_cache, mask
-
-
-def compiled_decoding_if_wanted(cfg: Config, model, tokenizer, device: torch.device, backend: str = "inductor"):
-    """Sampling's decode step: the compiled drop-in when --compile wants it and it decodes a two-token trial
-    rollout, else the plain `next_token_logits`. A failed trial is one line before training (an error under
-    --compile on), so no rollout ever switches steps halfway."""
-    if not compiled_decoding_wanted(cfg, device):
-        return next_token_logits
-    step = CompiledDecodeStep(cfg.max_new_tokens, backend)
-    try:
-        rows = cfg.prompts_per_step * cfg.group_size  # a rollout's shape: the graph it compiles is the one reused
-        sample_completions(model, [[tokenizer.eos_token_id] * 2] * cfg.prompts_per_step, 2, 1.0, -1,
-                           tokenizer.pad_token_id, fixed_uniforms("trial", rows, 2), cfg.group_size, step)
-    except Exception as error:  # compiling or capturing failed: no Triton, a cache that does not trace, ...
-        what = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:200]
-        if cfg.compile == "on":
-            raise UsageError(f"compiled decoding failed on a trial rollout ({what}); use --compile auto or off")
-        tqdm.write(f"compiled decoding failed on a trial rollout ({what}); decoding eagerly (--compile off "
-                   f"silences this)")
-        return next_token_logits
-    return step
-
-
-def activation_bytes_per_token(model, precision: str) -> float:
-    """Bytes a forward pass keeps for backward per completion token, measured: the tensors saved on a row of
-    48 and one of 16 completion tokens, parameters excluded, the difference / 32 (what does not grow with
-    length cancels). A prompt token costs less (no logits), so this bounds both."""
-    device = next(model.parameters()).device
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def saved_bytes(width: int) -> int:
-        storages = {}
-
-        def keep(tensor):
-            if tensor.untyped_storage().data_ptr() not in parameters:
-                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            # not the tensor itself: a saved output holding its own graph node is a cycle gc never frees
-            return tensor.detach()
-
-        ids = torch.zeros(1, 8 + width, dtype=torch.long, device=device)
-        mask = torch.ones_like(ids, dtype=torch.bool)
-        probe = Rollout(ids[:, :8], mask[:, :8], ids[:, 8:], mask[:, 8:], torch.zeros(1, width, device=device),
-                        ~mask[:, 0])  # one row: 8 prompt tokens, then `width` completion tokens
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast(device, precision):
-            completion_logprobs(model, probe, 1.0)
-        return sum(storages.values())
-
-    return (saved_bytes(48) - saved_bytes(16)) / 32
-
-
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each layer's activations in the backward pass. HF layers checkpoint only when
     `.training`, so that flag is set on the checkpointed modules alone: dropout stays off."""
@@ -1616,14 +1472,6 @@ def enable_gradient_checkpointing(model) -> None:
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) is True:
             module.training = True
-
-
-def speed_and_memory(result: StepResult, device: torch.device) -> dict:
-    """A step's timings (sampling, and log-probs plus update) and throughputs, and peak memory."""
-    tokens = int(result.rollout.completion_mask.sum())
-    rollout, update = result.seconds["generation"], result.seconds["logprobs"] + result.seconds["update"]
-    return {"rollout_seconds": rollout, "update_seconds": update, "rollout_tokens_per_s": tokens / max(rollout, 1e-9),
-            "update_tokens_per_s": tokens / max(update, 1e-9), **peak_memory(device)}
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -1643,13 +1491,13 @@ def peak_memory(device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 256,
-             checker=reward, next_logits=next_token_logits) -> float:
+             checker=reward) -> float:
     """Greedy accuracy on held-out problems, in batches."""
     correct = 0.0
     for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
         rollout = sample_completions(model, encode_prompts(tokenizer, [p for p, _ in batch]), max_new_tokens, 0.0,
-                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None, next_logits=next_logits)
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id, None)
         correct += score(tokenizer, rollout, [a for _, a in batch], 1, checker).sum().item()
     return correct / len(problems)
 
@@ -1668,8 +1516,9 @@ class Run:
     device: torch.device
     prompt_rng: random.Random
     ref_values: dict[str, float] = field(default_factory=dict)  # A*-PO's V_ref per prompt
-    totals: dict = field(default_factory=lambda: {"seconds": 0.0, "rollout_seconds": 0.0, "rollout_tokens": 0})
+    totals: dict = field(default_factory=lambda: {"seconds": 0.0, "tokens": 0})  # of the steps: seconds, completion tokens
     evals: list[float] = field(default_factory=list)            # greedy accuracy at each evaluation so far
+    clock: float = field(default_factory=time.perf_counter)     # when the last step was logged
 
 
 def start_run(cfg: Config, problems: tuple[list, list] | None = None) -> tuple[Run, int]:
@@ -1679,16 +1528,18 @@ def start_run(cfg: Config, problems: tuple[list, list] | None = None) -> tuple[R
     if len(train_problems) < cfg.prompts_per_step:
         raise UsageError(f"{len(train_problems)} training problems are fewer than --prompts-per-step "
                          f"{cfg.prompts_per_step}")
-    folder = RunFolder(cfg).claim(cfg.resume)  # this process's alone until it exits; a second one stops with one line
+    folder = RunFolder(cfg)
+    folder.check_start(cfg.resume)  # a new run never overwrites one; --resume needs a checkpoint
     policy, tokenizer, source = load_model(cfg, train_problems, device, say_where_it_runs=True)
     models = prepare_models(cfg, policy, tokenizer, device, precision)
     run = Run(cfg, models, tokenizer, train_problems, eval_problems, CHECKERS[cfg.checker], folder, source, device,
               prompt_rng=random.Random(cfg.seed))
-    if cfg.resume:
-        return run, run.folder.resume(run)
-    run.evals.append(accuracy(run))
-    run.folder.write_start(run)  # config.json, the step-0 line of metrics.jsonl, the first checkpoint
-    return run, 0
+    start_step = run.folder.resume(run) if cfg.resume else 0
+    if not cfg.resume:
+        run.evals.append(accuracy(run))
+        run.folder.write_start(run)  # config.json, the step-0 line of metrics.jsonl, the first checkpoint
+    run.clock = time.perf_counter()  # the first step's seconds start here
+    return run, start_step
 
 
 def accuracy(run: Run) -> float:
@@ -1696,33 +1547,36 @@ def accuracy(run: Run) -> float:
     cfg = run.cfg
     with autocast(run.device, run.models.precision):
         return evaluate(run.models.policy, run.tokenizer, run.eval_problems, cfg.max_new_tokens,
-                        cfg.prompts_per_step * cfg.group_size, run.checker, run.models.next_logits)
+                        cfg.prompts_per_step * cfg.group_size, run.checker)
 
 
 # ----------------------------------------------------------------------------------------------
-# Run files and resume: one folder per setting, held by one process, lines appended, files written then renamed.
+# Run files and resume: one folder per setting, lines appended, other files written then renamed.
 # ----------------------------------------------------------------------------------------------
 SAMPLES_PER_EVALUATION = 4  # completions appended to samples.jsonl at each evaluation
-NOT_THE_SETTING = ("steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "compile")
+NOT_THE_SETTING = ("steps", "eval_every", "out", "device", "resume", "grad_checkpointing", "micro_batch", "fast")
 
 
 def run_folder(cfg: Config) -> str:
-    """One folder per setting: not the budget, device, memory savers, resume, nor an experiment's own flags."""
+    """One folder per setting: not the budget, device, speed and memory savers, resume, nor an experiment's flags."""
     settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config) if f.name not in NOT_THE_SETTING}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     return os.path.join(cfg.out, f"{cfg.loss}_lag{cfg.lag}_beta{cfg.beta:g}_seed{cfg.seed}_{digest}")
 
 
 def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepResult, record: dict,
-             step_accuracy: float | None, started: float) -> None:
-    """The step's line of metrics.jsonl; at an evaluation its accuracy, samples, checkpoint and curves."""
-    run.totals["rollout_seconds"] += result.seconds["generation"]
-    run.totals["rollout_tokens"] += int(result.rollout.completion_mask.sum())
+             step_accuracy: float | None) -> None:
+    """The step's line of metrics.jsonl, with its wall-clock seconds (an evaluation's included), completion
+    tokens per second and peak memory; at an evaluation its accuracy, samples, checkpoint and curves."""
+    seconds, run.clock = time.perf_counter() - run.clock, time.perf_counter()
+    tokens = int(result.rollout.completion_mask.sum())
+    run.totals["seconds"] += seconds
+    run.totals["tokens"] += tokens
+    record.update(step_seconds=seconds, tokens_per_s=tokens / seconds, **peak_memory(run.device))
     if step_accuracy is not None:
         record["eval_accuracy"] = step_accuracy
         run.evals.append(step_accuracy)
     run.folder.append_metrics(record)
-    run.totals["seconds"] = time.time() - started
     if step_accuracy is not None:
         run.folder.append_samples(run.tokenizer, prompts, result, step)  # a few completions; prints one
         run.folder.save_checkpoint(run, step)
@@ -1731,13 +1585,12 @@ def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepRe
 
 class RunFolder:
     """A run's folder and its files: config.json (the flags as resolved, where it ran), metrics.jsonl,
-    samples.jsonl, checkpoint.pt, curves.png, summary.json; `.lock`, held by the process that writes them."""
+    samples.jsonl, checkpoint.pt, curves.png, summary.json."""
 
     def __init__(self, cfg: Config):
         self.path = run_folder(cfg)
         self.checkpoint, self.metrics, self.samples = (os.path.join(self.path, name) for name in
                                                        ("checkpoint.pt", "metrics.jsonl", "samples.jsonl"))
-        self.lock = None
 
     def check_start(self, resume: bool) -> None:
         """A new run needs a folder with no run in it; --resume, one with a checkpoint."""
@@ -1746,34 +1599,14 @@ class RunFolder:
         if not resume and os.path.exists(self.metrics):
             raise UsageError(f"{self.path} already holds a run; pass --resume to continue it, or delete the folder")
 
-    def claim(self, resume: bool) -> RunFolder:
-        """Make the folder and lock its `.lock` file for as long as this process runs it: the same run started
-        twice at once stops the second with one line instead of both writing the same files. The lock goes with
-        the process, so a run stopped by Ctrl-C, a crash or a power cut can be resumed."""
-        os.makedirs(self.path, exist_ok=True)
-        self.lock = open(os.path.join(self.path, ".lock"), "w")
-        try:
-            import fcntl  # not on Windows, where the folder is not locked
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError:
-            self.lock.close()
-            raise UsageError(f"{self.path} is being written by another process running the same settings; let it "
-                             f"finish (then --resume adds steps), or give another --out") from None
-        self.check_start(resume)  # again, now that no other process can start it: it may have finished meanwhile
-        return self
-
     def write_start(self, run: Run) -> None:
         """config.json, the warm start's accuracy as metrics.jsonl's step 0, the step-0 checkpoint."""
-        self.write_config(run)
-        append_line(self.metrics, {"step": 0, "eval_accuracy": run.evals[0]})
-        self.save_checkpoint(run, 0)
-
-    def write_config(self, run: Run) -> None:
+        os.makedirs(self.path, exist_ok=True)
         write_atomically(os.path.join(self.path, "config.json"), json.dumps(
             {**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
              "resolved_precision": run.models.precision, **where_it_runs(run)}, indent=1))
+        append_line(self.metrics, {"step": 0, "eval_accuracy": run.evals[0]})
+        self.save_checkpoint(run, 0)
 
     def save_checkpoint(self, run: Run, step: int) -> None:
         """What a resumed run needs to go on as if it never stopped (not pi_ref: the warm start), in plain
@@ -1785,30 +1618,21 @@ class RunFolder:
         os.replace(self.checkpoint + ".tmp", self.checkpoint)
 
     def resume(self, run: Run) -> int:
-        """--resume: load the last checkpoint (weights_only: a checkpoint from elsewhere cannot run code), drop
-        the lines written after it, and rewrite a damaged config.json from the flags (the folder's name pins them)."""
+        """--resume: load the last checkpoint (weights_only: a checkpoint from elsewhere cannot run code) and drop
+        the lines written after it."""
         try:
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
             run.models.policy.load_state_dict(state["policy"])
             run.models.generator.load_state_dict(state["generator"])
             run.models.optimizer.load_state_dict(state["optimizer"])
         except Exception as error:  # cut short, damaged, another model's, or not plain tensors and types
-            text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch's weights_only message: colours, many lines
-            refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            detail = (f"it holds {refused.group(1)}, which only code can load" if refused else
-                      " ".join(text.split())[:200])
+            detail = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())[:200]  # torch's: colours, many lines
             raise UsageError(f"--resume: {self.checkpoint} cannot be read ({type(error).__name__}: {detail}); "
                              f"delete {self.path} to start the run again") from None
         run.prompt_rng.setstate(state["prompt_rng"])
-        run.ref_values, run.totals = state["ref_values"], state["totals"]
+        run.ref_values, run.totals = state["ref_values"], {**run.totals, **state["totals"]}
         for path in (self.metrics, self.samples):
             drop_lines_after(path, state["step"])
-        try:
-            with open(os.path.join(self.path, "config.json")) as f:
-                json.load(f)
-        except (OSError, ValueError):
-            self.write_config(run)
-            tqdm.write(f"{self.path}/config.json was missing or damaged: written again from the flags")
         tqdm.write(f"resuming {self.path} at step {state['step']}")
         run.evals = [m["eval_accuracy"] for m in read_lines(self.metrics) if "eval_accuracy" in m]
         return state["step"]
@@ -1831,8 +1655,7 @@ class RunFolder:
 
     def write_summary(self, run: Run) -> dict:
         """summary.json: accuracy before and after, minutes, KL(mu || pi) at each stale cycle's end, leakage, the
-        mean |log pi/mu| per completion right after each refresh (the floor that rounding, not the lag, sets); then
-        the folder is released to other processes."""
+        mean |log pi/mu| per completion right after each refresh (the floor that rounding, not the lag, sets)."""
         cfg, totals = run.cfg, run.totals
         steps = [m for m in read_lines(self.metrics) if "loss" in m]
         cycle_ends = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
@@ -1840,22 +1663,18 @@ class RunFolder:
         summary = {"run": self.path, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
                    "warm_start_accuracy": run.evals[0], "final_accuracy": run.evals[-1],
                    "best_accuracy": max(run.evals), "minutes": totals["seconds"] / 60,
-                   "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"], 1e-9),
+                   "tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9),
                    "kl_at_cycle_ends": cycle_ends,
                    "final_mass_leakage": mean([m["mass_leakage"] for m in steps[-10:]]),
                    "log_ratio_floor": mean([m.get("log_ratio_abs_mean") for m in steps if m["staleness"] == 0]),
                    "curves": curves if os.path.exists(curves) else None}
         write_atomically(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=1))
-        if self.lock is not None:
-            self.lock.close()  # closing the file releases the lock
         return summary
 
 
 def where_it_runs(run: Run) -> dict:
-    """The device by name, the policy's parameter count, and how sampling decodes (config.json has them)."""
-    return {"device_name": device_name(run.device),
-            "parameters": sum(p.numel() for p in run.models.policy.parameters()),
-            "decoding": "compiled" if isinstance(run.models.next_logits, CompiledDecodeStep) else "eager"}
+    """The device by name and the policy's parameter count (config.json has them)."""
+    return {"device_name": device_name(run.device), "parameters": sum(p.numel() for p in run.models.policy.parameters())}
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -1870,37 +1689,23 @@ def append_line(path: str, record: dict) -> None:
 
 
 def read_lines(path: str) -> list[dict]:
-    """The records of a JSON-lines file. A last line cut short (the machine stopped mid-append) is left out;
-    any other line that is not JSON stops with one line naming it."""
-    return read_lines_and_cut(path)[0]
-
-
-def read_lines_and_cut(path: str) -> tuple[list[dict], bool]:
-    """read_lines' records, and whether a last line cut short was left out."""
-    with open(path) as f:
-        lines = f.read().splitlines()
+    """The records of a JSON-lines file; a line that is not JSON (a last line cut short by a stop mid-write) is
+    left out."""
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise UsageError(f"{path}, line {number}, is not JSON ({line[:60]!r}): the file is damaged") from None
-            return records, True
-    return records, False
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def drop_lines_after(path: str, step: int) -> None:
-    """Resume: the lines of steps after the checkpoint's, and a last line cut short, are dropped (the file
-    rewritten, then renamed); a cut line is said."""
-    if not os.path.exists(path):
-        return
-    records, cut = read_lines_and_cut(path)  # the file read once
-    if cut:
-        tqdm.write(f"{path}: its last line was cut short (a stop mid-write), dropped")
-    write_atomically(path, "".join(json.dumps(m) + "\n" for m in records if m["step"] <= step).rstrip("\n"))
+    """Resume: the lines of steps after the checkpoint's, and a line cut short, are dropped (written, then renamed)."""
+    if os.path.exists(path):
+        kept = [json.dumps(m) for m in read_lines(path) if m["step"] <= step]
+        write_atomically(path, "\n".join(kept))
 
 
 def mean(values) -> float:
@@ -1962,10 +1767,10 @@ def draw_curves(folder: str, loss: str) -> None:
 # ----------------------------------------------------------------------------------------------
 def format_summary(summary: dict) -> str:
     """The run's table row, then what happened in three lines, then where its files are."""
-    header = ("| loss | lag | steps | warm-start accuracy | final accuracy | minutes | rollout tokens/s |\n|" +
+    header = ("| loss | lag | steps | warm-start accuracy | final accuracy | minutes | tokens/s |\n|" +
               "---|" * 7)
     row = (f"| {summary['loss']} | {summary['lag']} | {summary['steps']} | {summary['warm_start_accuracy']:.3f} | "
-           f"{summary['final_accuracy']:.3f} | {summary['minutes']:.2f} | {summary['rollout_tokens_per_s']:.0f} |")
+           f"{summary['final_accuracy']:.3f} | {summary['minutes']:.2f} | {summary['tokens_per_s']:.0f} |")
     kl = summary["kl_at_cycle_ends"]
     return "\n".join([
         header, row,
@@ -1994,9 +1799,9 @@ def run_command(argv: list[str] | None, config_class, work, check=check_config, 
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
     except torch.cuda.OutOfMemoryError:
-        print(f"error: out of GPU memory; lower --micro-batch (the update's rows per pass; 0 sizes it for "
-              f"{ACTIVATION_BUDGET_GB:g} GB of activations; --resume continues the run with a new value), or "
-              f"--prompts-per-step, --group-size or --max-new-tokens (sampling keeps every completion's KV cache)",
+        print("error: out of GPU memory; give --micro-batch (the update's rows per pass; experiments/bench.py "
+              "--activation-budget GB finds the most that fit; --resume continues the run with it), or lower "
+              "--prompts-per-step, --group-size or --max-new-tokens (sampling keeps every completion's KV cache)",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
