@@ -1954,11 +1954,12 @@ def test_the_update_runs_the_plain_forward_unless_fast_swaps_in_the_shared_promp
     assert plain.logits_of is op.completion_logits and fast.logits_of is op.shared_prompt_logits
 
 
-@pytest.mark.parametrize("loss", ["shifted", "apo"])  # apo: pi_ref's log-probs through the drop-in too
-def test_a_fast_run_logs_the_plain_runs_metrics(loss, warm_out, tmp_path):
+def test_a_fast_run_logs_the_plain_runs_metrics(warm_out, tmp_path):
+    """With shifted's advantage (r - mean + beta: never 0) the gradient is signal. Where it is 0 up to rounding
+    (pmd or apo on equal rewards at pi = mu), AdamW scales that noise to a full step, so two runs part ways."""
     outs = [fresh_out(warm_out, tmp_path, name) for name in ("plain", "fast")]
-    assert main(["--out", str(outs[0]), *TINY, "--loss", loss]) == 0
-    assert main(["--out", str(outs[1]), *TINY, "--loss", loss, "--fast"]) == 0
+    assert main(["--out", str(outs[0]), *TINY]) == 0
+    assert main(["--out", str(outs[1]), *TINY, "--fast"]) == 0
     plain, fast = (comparable_metrics(out) for out in outs)
     assert [m.keys() for m in plain] == [m.keys() for m in fast]
     for plain_line, fast_line in zip(plain, fast):  # the same tokens drawn, numbers equal up to rounding
