@@ -174,7 +174,6 @@ def finished(cell: Config) -> bool:
 def run_cell(cell: Config, problems: tuple[list, list], quiet: bool = True) -> None:
     """One cell: a run of its own, resumed from its checkpoint when an earlier grid was stopped."""
     resume = os.path.exists(os.path.join(run_folder(cell), "checkpoint.pt"))
-    torch._dynamo.reset()  # --compile: drop the previous cell's compiled decode steps (and their models)
     train(dataclasses.replace(cell, resume=resume), problems, quiet=quiet)
 
 
