@@ -241,14 +241,6 @@ def fixed_uniforms(key: str, rows: int, columns: int) -> torch.Tensor:
     return torch.rand(rows, columns, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def next_token_logits(model, cache_argument: dict, token: torch.Tensor, attention_mask: torch.Tensor,
-                      position: torch.Tensor) -> torch.Tensor:
-    """The last token of every row (rows, 1) in, the next logits (rows, V) out in fp32; the model appends its
-    keys and values to the cache in `cache_argument`."""
-    return model(input_ids=token, attention_mask=attention_mask.long(), position_ids=position, use_cache=True,
-                 **cache_argument).logits[:, -1].float()
-
-
 @torch.no_grad()
 def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, eos_id: int,
                        pad_id: int, uniforms: torch.Tensor | None, repeats: int = 1) -> Rollout:
@@ -289,7 +281,9 @@ def sample_completions(model, prompt_ids: list[list[int]], max_new_tokens: int, 
         if finished.all() or t == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # (N, P + t + 1)
-        logits = next_token_logits(model, {cache_name: kv_cache}, token[:, None], attention_mask, next_position)  # (N, V)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask.long(), position_ids=next_position,
+                    use_cache=True, **{cache_name: kv_cache})  # appends each row's new keys and values to the cache
+        logits = out.logits[:, -1].float()  # (N, V)
         next_position = next_position + 1
     completion_ids = torch.stack(tokens, dim=1)  # (N, T), T <= max_new_tokens
     completion_mask = mask_from_lengths(lengths, completion_ids.shape[1])
