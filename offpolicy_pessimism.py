@@ -1008,9 +1008,9 @@ MAX_ANSWER_CHARS = 1_000     # a longer final answer is not compared
 MAX_ANSWER_DIGITS = 64
 _NUMBER_TEXT = r"[-+]?(?:[0-9]+(?:,[0-9]{3}(?![0-9]))*(?:\.[0-9]+)?|\.[0-9]+)"  # ASCII digits; 1,234 is one number
 _FINAL_MARK = re.compile(r"####[ \t]*\$?[ \t]*(" + _NUMBER_TEXT + r"|[^\n]*)")   # GSM8K: `#### 1,234`
-_LAST_NUMBER = re.compile(_NUMBER_TEXT + r"(?:/[0-9]+)?")                     # fallback: 46, -0.5, 1/2
+_LATEX_THOUSANDS = re.compile(r"\{,\}|,\\!\s*")  # 14{,}916 and 11,\! 111: a comma inside one number
 _LATEX_SPACING = re.compile(r"\\[!,;: ]|\\left|\\right|~|\$|\\\$|\^\{?\\circ\}?|\\circ|\\%|%")
-_LATEX_TEXT = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\{([^{}]*)\}")
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|textrm|textnormal|mbox|mathrm)\{([^{}]*)\}")
 _UNIT_WORDS = re.compile(r"(" + _NUMBER_TEXT + r")\s*(?:[a-zA-Z]{2,}\.?\s*)+")  # 5.4 cents, 18 dollars
 _FRACTION = re.compile(r"([-+]?)\\frac\{([-+]?[0-9.]+)\}\{([-+]?[0-9.]+)\}")
 
@@ -1034,21 +1034,23 @@ def boxed_contents(text: str) -> list[str]:
 
 
 def extract_answer(completion: str) -> str | None:
-    """The final answer as text: after the last `####`, else the last `\\boxed{}`, else the last number."""
+    """The final answer as text: what follows each `####` and what each `\\boxed{}` holds, when they all
+    normalise to the same answer. None when there is no such mark, and when two disagree: `\\boxed{1} or
+    \\boxed{2}` offers two answers and scores 0 whichever is right. There is no last-number fallback, since
+    a number anywhere in a completion is no answer (the built-in task's `reward` reads the last number)."""
     if not completion or len(completion) > MAX_CHECKED_CHARS:
         return None
-    marked = _FINAL_MARK.findall(completion)
-    if marked and marked[-1].strip():
-        return marked[-1].strip()
-    boxed = boxed_contents(completion)
-    if boxed:
-        return boxed[-1]
-    numbers = _LAST_NUMBER.findall(completion)
-    return numbers[-1] if numbers else None
+    answers = [answer for answer in map(str.strip, _FINAL_MARK.findall(completion) + boxed_contents(completion))
+               if answer]
+    values = {normalize_answer(answer) for answer in answers}
+    return answers[-1] if len(values) == 1 and None not in values else None
 
 
 def parse_number(text: str) -> Fraction | None:
-    """'1,234' -> 1234, '-0.50' -> -1/2, '1/2' and '\\frac{1}{2}' -> 1/2; None for anything else."""
+    """'1,234' -> 1234, '-0.50' -> -1/2, '1/2' and '\\frac{1}{2}' -> 1/2; None for anything else, and for
+    digits that whitespace separates (`32, 349` and `4 6` are two numbers, not one)."""
+    if re.search(r"[0-9.,]\s+[0-9.]", text):
+        return None
     text = re.sub(r"\s", "", text)
     if not text or sum(ch.isdigit() for ch in text) > MAX_ANSWER_DIGITS:
         return None
@@ -1072,11 +1074,13 @@ def normalize_answer(text: str) -> Fraction | str | None:
     """A number when the answer is one (so 0.5 == 1/2 == \\frac{1}{2}), else a canonical LaTeX string.
 
     Drops what does not change the value: $, \\left/\\right, LaTeX spacing, degrees and percent signs,
-    \\text{...} wrappers, trailing units and periods, a leading `x =`; \\dfrac and \\tfrac are \\frac.
+    \\text{...} wrappers, trailing units and periods, a leading `x =`; \\dfrac and \\tfrac are \\frac, and
+    the LaTeX thousands separators `{,}` and `,\\!` are commas (`,\\!` before its `\\!` is dropped as spacing).
     """
     if text is None or len(text) > MAX_ANSWER_CHARS:
         return None
-    text = _LATEX_TEXT.sub(r"\1", text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    text = _LATEX_THOUSANDS.sub(",", text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    text = _LATEX_TEXT.sub(r"\1", text)
     text = _LATEX_SPACING.sub("", text).strip().rstrip(".").strip()
     text = re.sub(r"^[a-zA-Z]\s*=\s*(?=[^=]+$)", "", text)  # x = 5 -> 5
     text = re.sub(r"\\frac([0-9])([0-9])", r"\\frac{\1}{\2}", text)  # \frac12 -> \frac{1}{2}
@@ -1160,12 +1164,12 @@ def math_verify_reward(completion: str, answer: str) -> float:
 
     if not completion or len(completion) > MAX_CHECKED_CHARS:
         return 0.0
-    return float(verify(parse("$" + reference_answer(answer) + "$"), parse(completion)))
+    return float(verify(parse("$" + (reference_answer(answer) or "").strip() + "$"), parse(completion)))
 
 
 def math_reward(completion: str, answer: str) -> float:
     """--checker math: 1.0 when the completion's final answer equals the reference answer after
-    normalisation (the final answer: after `####`, else in the last `\\boxed{}`, else the last number)."""
+    normalisation (the final answer: the one that every `####` and `\\boxed{}` gives, see `extract_answer`)."""
     return float(answers_match(extract_answer(completion), answer))
 
 

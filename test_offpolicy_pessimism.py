@@ -585,9 +585,11 @@ def test_mass_leakage_sums_each_distinct_completion_once_per_group():
 # The reward checker
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("completion, answer, expected", [
-    ("46", "46", 1.0), ("the answer is 46", "46", 1.0), ("12 then 46", "46", 1.0), ("46 then 12", "46", 0.0),
-    ("#### 1,234", "1234", 1.0), ("so #### 5, not 7", "5", 1.0), ("\\boxed{-7}", "-7", 1.0), ("-7", "7", 0.0),
-    ("46.0", "46", 1.0), ("+46", "46", 1.0), ("4 6", "46", 0.0), ("", "0", 0.0), ("no number", "0", 0.0),
+    ("\\boxed{46}", "46", 1.0), ("the answer is \\boxed{46}", "46", 1.0), ("12 then \\boxed{46}", "46", 1.0),
+    ("\\boxed{46} then 12", "46", 1.0), ("#### 1,234", "1234", 1.0), ("so #### 5, not 7", "5", 1.0),
+    ("\\boxed{-7}", "-7", 1.0), ("\\boxed{-7}", "7", 0.0), ("\\boxed{46.0}", "46", 1.0), ("\\boxed{+46}", "46", 1.0),
+    ("\\boxed{4 6}", "46", 0.0), ("", "0", 0.0), ("no number", "0", 0.0),
+    ("46", "46", 0.0), ("the answer is 46", "46", 0.0), ("12 then 46", "46", 0.0),  # no `####`, no box: no answer
 ])
 def test_math_checker_cases(completion, answer, expected):
     assert op.math_reward(completion, answer) == expected
@@ -602,19 +604,17 @@ def test_builtin_task_reward_reads_the_last_number(completion, answer, expected)
     assert op.reward(completion, answer) == expected
 
 
-def test_builtin_task_reward_agrees_with_the_math_checker_on_its_alphabet_but_thousands_commas():
+def test_math_checker_scores_no_unmarked_text_that_the_builtin_task_reward_scores_by_its_last_number():
     rng = op.random.Random(0)
-    alphabet = "0123456789+-=#., "
+    alphabet = "0123456789+-=., "
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(20000)]
-    texts += [f"{a}{sep}{b}" for a in range(0, 130, 7) for b in range(0, 130, 9) for sep in "+-=#. ,"]
-    compared = 0
+    texts += [f"{a}{sep}{b}" for a in range(0, 130, 7) for b in range(0, 130, 9) for sep in "+-=. ,"]
+    rewarded = 0
     for text in texts:
-        if re.search(r"[0-9],[0-9]{3}", text):
-            continue  # `1,005` is 1005 to the math checker and 5 here: the one reading they do not share
         for answer in {"0", "5", "46", "128", *re.findall(r"[0-9]+", text)[-1:]}:
-            assert op.reward(text, answer) == op.math_reward(text, answer), (text, answer)
-            compared += 1
-    assert compared > 20000
+            assert op.math_reward(text, answer) == 0.0, (text, answer)  # no `####`, no box: no answer
+            rewarded += op.reward(text, answer)
+    assert rewarded > 10000  # the built-in task's reward reads the last number: it scores these texts
 
 
 MATH_CASES = {  # name: (completion, reference answer, reward)
@@ -622,19 +622,24 @@ MATH_CASES = {  # name: (completion, reference answer, reward)
     "gsm8k commas": ("#### 1,234,567", "1234567", 1.0),
     "gsm8k dollar sign": ("#### $18", "18", 1.0),
     "boxed nested braces": ("so \\boxed{\\frac{\\sqrt{3}}{2}}.", "\\frac{\\sqrt{3}}{2}", 1.0),
-    "boxed takes the last box": ("\\boxed{1} no, \\boxed{2}", "2", 1.0),
+    "two boxes that disagree score 0": ("\\boxed{1} no, \\boxed{2}", "2", 0.0),
+    "two boxes that agree": ("\\boxed{2}, that is \\boxed{\\frac{4}{2}}", "2", 1.0),
+    "final mark and box agree": ("\\boxed{12}\n#### 12", "12", 1.0),
+    "final mark and box disagree": ("\\boxed{13}\n#### 12", "12", 0.0),
     "boxed unbalanced is no answer": ("\\boxed{\\frac{1}{2}", "1", 0.0),
     "frac equals decimal": ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
-    "slash equals frac": ("the answer is 1/2", "\\frac{1}{2}", 1.0),
+    "slash equals frac": ("the answer is \\boxed{1/2}", "\\frac{1}{2}", 1.0),
     "decimal equals slash": ("\\boxed{0.5}", "1/2", 1.0),
     "dfrac is frac": ("\\boxed{\\dfrac{3}{4}}", "\\frac34", 1.0),
     "negative frac": ("\\boxed{-\\frac{1}{2}}", "-0.5", 1.0),
     "negative is not positive": ("\\boxed{-\\frac{1}{2}}", "\\frac{1}{2}", 0.0),
     "negative number": ("\\boxed{-7}", "-7", 1.0),
     "latex thousands": ("\\boxed{11,\\! 111,\\! 100}", "11111100", 1.0),
+    "braced latex thousands": ("\\boxed{14{,}916}", "$14916$", 1.0),
     "text units": ("\\boxed{5.4 \\text{ cents}}", "5.4", 1.0),
     "plain units": ("\\boxed{18 dollars}", "18", 1.0),
-    "trailing period": ("The answer is 12.", "12", 1.0),
+    "textnormal units": ("The distance is $\\boxed{125\\textnormal{ miles}}.$", "$125$ miles", 1.0),
+    "unmarked answer is no answer": ("The answer is 12.", "12", 0.0),
     "boxed trailing period": ("\\boxed{12.}", "12", 1.0),
     "degrees": ("\\boxed{90^\\circ}", "90", 1.0),
     "percent": ("\\boxed{10\\%}", "10", 1.0),
@@ -650,6 +655,49 @@ MATH_CASES = {  # name: (completion, reference answer, reward)
 def test_math_checker_case(name):
     completion, answer, expected = MATH_CASES[name]
     assert op.math_reward(completion, answer) == expected
+
+
+# The four wrong answers the checker accepted on Math-Verify's own test suite (issue 35): name: (completion,
+# reference answer, the case in experiments/math_verify_cases.jsonl).
+REWARD_HACKS = {
+    "golden ratio for 2": ("$\\frac{1+\\sqrt{5}}{2}$", "$2$", "tests/test_all.py::test_complex_math_expressions[10]"),
+    "two numbers for one": ("is $\\boxed{32, 349}$", " So the answer is: \\[ \\boxed{32349} \\]",
+                            "tests/test_all.py::test_math_extraction_additional_cases[24]"),
+    "last digit of a word": ("AZYUK2A", "2", "tests/test_all.py::test_number_extraction[18]"),
+    "last digit of an interval": ("$-[0,1)$", "$1$", "tests/test_all.py::test_sets_handling[4]"),
+}
+
+
+@pytest.mark.parametrize("name", REWARD_HACKS)
+def test_math_checker_rewards_no_reward_hack_of_math_verifys_tests(name):
+    completion, answer, source = REWARD_HACKS[name]
+    assert op.math_reward(completion, answer) == 0.0
+    assert any(case["source"] == source for case in math_verify_cases()[1])
+
+
+def test_the_golden_ratio_and_two_numbers_are_no_answer_even_boxed():
+    assert op.math_reward("\\boxed{\\frac{1+\\sqrt{5}}{2}}", "2") == 0.0
+    assert op.math_reward("\\boxed{32, 349}", "32349") == op.math_reward("\\boxed{4 6}", "46") == 0.0
+    assert op.math_reward("\\boxed{32,349}", "32349") == 1.0  # a thousands comma has no space after it
+
+
+MATH_VERIFY_CASES = os.path.join(HERE, "experiments", "math_verify_cases.jsonl")
+
+
+def math_verify_cases() -> tuple[dict, list[dict]]:
+    """The header that names the source, and the (gold, prediction, match, source) cases."""
+    with open(MATH_VERIFY_CASES, encoding="utf-8") as f:
+        header, *cases = map(json.loads, f)
+    return header, cases
+
+
+def test_math_checker_accepts_no_wrong_answer_of_math_verifys_own_test_suite():
+    header, cases = math_verify_cases()
+    assert header["repository"] == "https://github.com/huggingface/Math-Verify" and "Apache-2.0" in header["licence"]
+    assert len(cases) == 268 and sum(not case["match"] for case in cases) == 41
+    accepted = [case for case in cases if op.math_reward(case["prediction"], case["gold"]) == 1.0]
+    assert [case["source"] for case in accepted if not case["match"]] == []
+    assert len(accepted) >= 53  # and it still accepts the right answers it accepted when this test was written
 
 
 def test_half_has_one_normal_form():
@@ -695,7 +743,7 @@ def test_reward_checker_parses_never_executes_and_scans_a_bounded_text_on_hostil
                 return getattr(self.wrapped, name)(*args, **kwargs)
             return run
 
-    for name in ("re", "_FINAL_MARK", "_LAST_NUMBER", "_LATEX_SPACING", "_LATEX_TEXT", "_UNIT_WORDS", "_FRACTION"):
+    for name in ("re", "_FINAL_MARK", "_LATEX_THOUSANDS", "_LATEX_SPACING", "_LATEX_TEXT", "_UNIT_WORDS", "_FRACTION"):
         monkeypatch.setattr(op, name, Recording(getattr(op, name)))
     for name in ("eval", "exec"):
         monkeypatch.setattr(builtins, name, lambda *args, **kwargs: pytest.fail("the checker executed its input"))
