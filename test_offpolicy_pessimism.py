@@ -22,6 +22,7 @@ import offpolicy_pessimism as op
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
 import bench  # noqa: E402  (experiments/bench.py)
 import compare  # noqa: E402  (experiments/compare.py)
+import targets  # noqa: E402  (experiments/targets.py: eq. 2's exact target, on Lambert's W)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = ["--device", "cpu"]  # every run here is on the CPU whatever torch sees: fp32, eager decoding
@@ -112,7 +113,7 @@ def w0_family_largest_mass(advantages, beta, mu):
     """sum_i pi_i with W0 on every sample at the branch point c exp(max A/beta) = -1/e: the most it reaches, c < 0."""
     z = (advantages / beta).exp()
     c = -1 / (math.e * z.max())
-    return (mu * op.lambert_w0(c * z) / c).sum().item()
+    return (mu * targets.lambert_w0(c * z) / c).sum().item()
 
 
 # Lambert's W on its two real branches
@@ -120,7 +121,7 @@ def w0_family_largest_mass(advantages, beta, mu):
 def test_lambert_w0_inverts_w_exp_w_above_minus_one():
     z = torch.cat([torch.linspace(-1 / math.e, 0, 1001, dtype=torch.float64),
                    torch.logspace(-8, 8, 1001, dtype=torch.float64)])
-    w = op.lambert_w0(z)
+    w = targets.lambert_w0(z)
     assert torch.all(w >= -1)
     assert torch.allclose(w * w.exp(), z, rtol=1e-12, atol=1e-12)
 
@@ -129,25 +130,29 @@ def test_lambert_wm1_inverts_w_exp_w_below_minus_one():
     z = -torch.cat([torch.logspace(-300, -1, 1001, dtype=torch.float64),
                     1 / math.e - torch.logspace(-12, -1, 200, dtype=torch.float64),
                     torch.tensor([1 / math.e], dtype=torch.float64)])
-    w = op.lambert_wm1(z)
+    w = targets.lambert_wm1(z)
     assert torch.all(w <= -1)
     assert torch.allclose(w * w.exp(), z, rtol=1e-12, atol=0)  # relative: z spans 300 decades
-    assert op.lambert_wm1(torch.tensor([-0.1], dtype=torch.float64)).item() == pytest.approx(-3.577152063957297, rel=1e-14)
-    assert op.lambert_wm1(torch.tensor([-1 / math.e], dtype=torch.float64)).item() == pytest.approx(-1.0, abs=1e-7)
+    assert targets.lambert_wm1(torch.tensor([-0.1], dtype=torch.float64)).item() == pytest.approx(-3.577152063957297,
+                                                                                                  rel=1e-14)
+    assert targets.lambert_wm1(torch.tensor([-1 / math.e], dtype=torch.float64)).item() == pytest.approx(-1.0, abs=1e-7)
 
 
 def test_lambert_w_of_exp_agrees_with_the_direct_branches_and_works_past_float_range():
     u = torch.linspace(-30, 5, 301, dtype=torch.float64)
     plus, minus = torch.tensor(1.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
     false, true = torch.tensor(False), torch.tensor(True)
-    assert torch.allclose(op.lambert_w_of_exp(plus, u, false), op.lambert_w0(u.exp()), rtol=1e-13, atol=1e-300)
+    assert torch.allclose(targets.lambert_w_of_exp(plus, u, false), targets.lambert_w0(u.exp()), rtol=1e-13,
+                          atol=1e-300)
     u_neg = u[u <= -1]
-    assert torch.allclose(op.lambert_w_of_exp(minus, u_neg, true), op.lambert_wm1(-u_neg.exp()), rtol=1e-13, atol=0)
-    assert torch.allclose(op.lambert_w_of_exp(minus, u_neg, false), op.lambert_w0(-u_neg.exp()), rtol=1e-13, atol=1e-300)
+    assert torch.allclose(targets.lambert_w_of_exp(minus, u_neg, true), targets.lambert_wm1(-u_neg.exp()), rtol=1e-13,
+                          atol=0)
+    assert torch.allclose(targets.lambert_w_of_exp(minus, u_neg, false), targets.lambert_w0(-u_neg.exp()), rtol=1e-13,
+                          atol=1e-300)
     huge = torch.tensor([800.0, 1e5], dtype=torch.float64)  # exp overflows: w + log w = u instead
-    w = op.lambert_w_of_exp(plus, huge, false)
+    w = targets.lambert_w_of_exp(plus, huge, false)
     assert torch.allclose(w + w.log(), huge, rtol=1e-15, atol=0)
-    w = op.lambert_w_of_exp(minus, -huge, true)                  # exp underflows: w + log(-w) = u, w <= -1
+    w = targets.lambert_w_of_exp(minus, -huge, true)                  # exp underflows: w + log(-w) = u, w <= -1
     assert torch.all(w <= -1) and torch.allclose(w + (-w).log(), -huge, rtol=1e-15, atol=0)
 
 
@@ -195,7 +200,7 @@ def regime(target, row=0):
 @pytest.mark.parametrize("name", list(CASES))
 def test_closed_form_is_the_direct_minimiser_of_eq1(name):
     advantages, mu, expected = CASES[name]
-    target = op.induced_target(advantages[None], BETA, None if mu is None else mu[None])
+    target = targets.induced_target(advantages[None], BETA, None if mu is None else mu[None])
     assert regime(target) == expected
     mu = UNIFORM if mu is None else mu
     pi = mu * target.ratio[0]
@@ -208,7 +213,7 @@ def test_closed_form_is_the_direct_minimiser_of_eq1(name):
 def test_one_correct_answer_past_the_threshold_collapses_onto_it():
     advantages = reward_row("1,0,0,0,0,0,0,0") - 0.9
     assert w0_family_largest_mass(advantages, BETA, UNIFORM) == pytest.approx(0.924, abs=1e-3)  # W0 cannot normalise
-    target = op.induced_target(advantages[None], BETA)
+    target = targets.induced_target(advantages[None], BETA)
     pi = target.ratio[0] / G
     assert target.collapsed.item() and target.collapsed_index.item() == 0
     assert pi[0].item() == pytest.approx(0.9999, abs=1e-4)
@@ -219,7 +224,7 @@ def test_one_correct_answer_past_the_threshold_collapses_onto_it():
 def test_equal_rewards_shifted_by_minus_two_collapse_onto_the_first_sample():
     advantages = torch.full((G,), -0.2, dtype=torch.float64)
     assert w0_family_largest_mass(advantages, BETA, UNIFORM) == pytest.approx(math.exp(-1), abs=1e-9)  # 0.368
-    target = op.induced_target(advantages[None], BETA)
+    target = targets.induced_target(advantages[None], BETA)
     pi = target.ratio[0] / G
     assert target.collapsed.item() and target.collapsed_index.item() == 0  # ties: the lowest index
     assert pi[0].item() == pytest.approx(0.871, abs=1e-3)
@@ -228,12 +233,12 @@ def test_equal_rewards_shifted_by_minus_two_collapse_onto_the_first_sample():
 
 def test_with_uniform_mu_only_the_largest_advantage_collapses():
     """Trying every sample as the W_-1 candidate (mu passed explicitly) picks the largest A, the first of ties:
-    the rearrangement argument that lets op.induced_target(mu=None) try that one only."""
+    the rearrangement argument that lets targets.induced_target(mu=None) try that one only."""
     generator = torch.Generator().manual_seed(0)
     scaled = torch.randn(300, G, generator=generator, dtype=torch.float64) * 2 - 3  # mostly c < 0, many collapse
     scaled[:50, 1] = scaled[:50, 0] = scaled[:50].max(-1).values + 0.1               # ties at the top
-    every_candidate = op.induced_target(BETA * scaled, BETA, torch.full_like(scaled, 1 / G))
-    largest_only = op.induced_target(BETA * scaled, BETA)
+    every_candidate = targets.induced_target(BETA * scaled, BETA, torch.full_like(scaled, 1 / G))
+    largest_only = targets.induced_target(BETA * scaled, BETA)
     collapsed = every_candidate.collapsed
     assert collapsed.sum() > 100
     assert torch.equal(collapsed, largest_only.collapsed)
@@ -248,7 +253,7 @@ def test_with_mu_given_a_rare_sample_can_collapse_before_the_w0_family_fails():
     mu = torch.tensor([0.4995, 0.4995, 0.001], dtype=torch.float64)
     advantages = BETA * torch.tensor([-0.1, -2.0, -1.0], dtype=torch.float64)
     assert w0_family_largest_mass(advantages, BETA, mu) > 1.2
-    target = op.induced_target(advantages[None], BETA, mu[None])
+    target = targets.induced_target(advantages[None], BETA, mu[None])
     assert target.collapsed.item() and target.collapsed_index.item() == 2
     pi = mu * target.ratio[0]
     direct = minimise_eq1(advantages, BETA, mu)
@@ -264,7 +269,7 @@ def test_no_nan_and_a_normalised_stationary_target_over_a_wide_range(beta):
                   + torch.randn(400, 1, generator=generator, dtype=torch.float64) * spread)  # A/beta up to ~ +-3/beta
     mu = torch.softmax(torch.randn(400, G, generator=generator, dtype=torch.float64), -1)
     for weights in (None, mu):
-        target = op.induced_target(advantages, beta, weights)
+        target = targets.induced_target(advantages, beta, weights)
         weights = torch.full_like(advantages, 1 / G) if weights is None else weights
         assert not any(t.isnan().any() for t in target)
         assert torch.allclose((weights * target.ratio).sum(-1), torch.ones(400, dtype=torch.float64), atol=1e-9)
@@ -279,26 +284,29 @@ def test_no_nan_and_a_normalised_stationary_target_over_a_wide_range(beta):
 # ---------------------------------------------------------------------------------------------
 # The regime diagnostics
 # ---------------------------------------------------------------------------------------------
-def test_regime_diagnostics_split_groups_into_four_regimes_without_nan():
+def test_regime_diagnostics_split_groups_into_three_signs_of_c_and_the_collapsed_ones_without_nan():
     r = torch.stack([reward_row("1,1,0,0,0,1,0,0"), reward_row("1,1,1,1,1,1,1,1"), reward_row("1,1,0,0,0,0,0,0"),
                      reward_row("1,0,0,0,0,0,0,0")])
     advantages = torch.stack([mean_baseline(r[0], 1), mean_baseline(r[1]), oapl_baseline(r[2], BETA / 2),
                               oapl_baseline(r[3], BETA / 2)])
-    metrics = op.regime_diagnostics(advantages, r, BETA)
+    metrics = targets.regime_diagnostics(advantages, r, BETA)
     assert "regime_no_target" not in metrics and all(math.isfinite(v) for v in metrics.values())
     assert [metrics[k] for k in ("regime_positive", "regime_boundary", "regime_negative", "regime_collapsed")] == [
-        0.25, 0.25, 0.25, 0.25]
+        0.25, 0.25, 0.5, 0.25]  # the collapsed group (one correct, oapl at beta_v = beta/2) is among c < 0
     assert metrics["target_max_mass"] > 0.25 * 0.9999  # the collapsed group alone puts 0.9999 on one sample
     assert metrics["p_correct_generator"] == pytest.approx(r.mean().item())
+    assert op.regime_shares(advantages, BETA) == {key: metrics[key] for key in
+                                                   ("regime_positive", "regime_boundary", "regime_negative")}
 
 
 def test_pessimistic_target_puts_less_mass_on_correct_answers_than_boltzmann_and_negative_more():
     r = torch.tensor([[1.0, 1, 0, 0, 0, 0, 1, 0]], dtype=torch.float64)
-    positive = op.regime_diagnostics(mean_baseline(r[0], 1)[None], r, BETA)
-    negative = op.regime_diagnostics(oapl_baseline(r[0], BETA / 2)[None], r, BETA)
+    positive = targets.regime_diagnostics(mean_baseline(r[0], 1)[None], r, BETA)
+    negative = targets.regime_diagnostics(oapl_baseline(r[0], BETA / 2)[None], r, BETA)
     assert positive["regime_positive"] == 1 and negative["regime_negative"] == 1
     assert positive["p_correct_induced"] < positive["p_correct_nominal"]
     assert negative["p_correct_induced"] > negative["p_correct_nominal"]
+
 
 def random_reward_groups(groups=200, size=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -308,7 +316,7 @@ def random_reward_groups(groups=200, size=8, seed=0):
 
 def test_mean_baseline_is_never_in_the_negative_regime():
     rewards = random_reward_groups()
-    c = op.induced_target(rewards - op.group_mean(rewards), beta=0.1).c
+    c = targets.induced_target(rewards - op.group_mean(rewards), beta=0.1).c
     all_equal = (rewards == rewards[:, :1]).all(-1)
     assert all_equal.any() and (~all_equal).any()
     assert torch.all(c[~all_equal] > 0)
@@ -319,9 +327,9 @@ def test_oapl_value_temperature_sets_the_regime():
     rewards = random_reward_groups()
     mixed = ~(rewards == rewards[:, :1]).all(-1)
     beta = 0.1
-    above = op.induced_target(rewards - op.soft_value(rewards, 2 * beta), beta)
-    equal = op.induced_target(rewards - op.soft_value(rewards, beta), beta)
-    below = op.induced_target(rewards - op.soft_value(rewards, beta / 2), beta)
+    above = targets.induced_target(rewards - op.soft_value(rewards, 2 * beta), beta)
+    equal = targets.induced_target(rewards - op.soft_value(rewards, beta), beta)
+    below = targets.induced_target(rewards - op.soft_value(rewards, beta / 2), beta)
     assert torch.all(above.c[mixed] > 0) and not above.collapsed.any()
     assert torch.all(equal.c == 0)
     assert torch.all(below.c[mixed] < 0) and not below.ratio.isnan().any()  # a target in every group, no NaN
@@ -329,7 +337,7 @@ def test_oapl_value_temperature_sets_the_regime():
     # shared; on W0 elsewhere
     z = ((rewards - op.soft_value(rewards, beta / 2)) / beta).double().exp()[mixed]
     c_min = -1 / (math.e * z.max(-1, keepdim=True).values)
-    w0_cannot = (op.lambert_w0(c_min * z) / c_min).mean(-1) < 1
+    w0_cannot = (targets.lambert_w0(c_min * z) / c_min).mean(-1) < 1
     assert torch.all(below.collapsed[mixed][w0_cannot]) and below.collapsed[mixed].sum() > 0
     assert (below.c[mixed] < 0).sum() > below.collapsed[mixed].sum()  # some groups stay on W0
 
@@ -337,11 +345,48 @@ def test_oapl_value_temperature_sets_the_regime():
 def test_shifted_mean_is_always_pessimistic_and_neutral_on_equal_rewards():
     rewards = random_reward_groups()
     beta = 0.1
-    assert torch.all(op.induced_target(op.shifted_mean_advantages(rewards, beta), beta).c > 0)
+    assert torch.all(targets.induced_target(op.shifted_mean_advantages(rewards, beta), beta).c > 0)
     equal = torch.ones(3, 8) * torch.tensor([[0.0], [1.0], [0.5]])
-    target = op.induced_target(op.shifted_mean_advantages(equal, beta), beta)
+    target = targets.induced_target(op.shifted_mean_advantages(equal, beta), beta)
     assert torch.allclose(target.c, torch.ones(3, dtype=torch.float64), atol=1e-9)
     assert torch.allclose(target.ratio, torch.ones_like(target.ratio), atol=1e-9)  # pi_c = mu
+
+
+def regime_signs(advantages, beta):
+    """The trainer's regime of each group as the sign of c (1, 0, -1): op.regime_shares on that group alone."""
+    shares = [op.regime_shares(row[None], beta) for row in advantages]
+    return torch.tensor([s["regime_positive"] - s["regime_negative"] for s in shares], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
+def test_the_trainers_regime_is_the_sign_of_the_solved_c_in_every_group(beta):
+    """regime_shares takes the sign of log mean exp(A/beta), no W: on groups of 0/1 and of uniform rewards, with the
+    mean, soft-value and shifted baselines (both signs of c, collapsed targets included), it is the sign of the c
+    that induced_target solves for."""
+    rewards = torch.cat([random_reward_groups(groups=60, seed=1),
+                         torch.rand(60, G, generator=torch.Generator().manual_seed(2))]).double()
+    baselines = {"mean": op.group_mean(rewards), "shifted +1": op.group_mean(rewards) - beta,
+                 "shifted -2": op.group_mean(rewards) + 2 * beta, "shifted -0.5": op.group_mean(rewards) + beta / 2,
+                 **{f"soft value beta_v={k:g} beta": op.soft_value(rewards, k * beta) for k in (0.5, 1, 2)}}
+    seen = set()
+    for name, baseline in baselines.items():
+        advantages = rewards - baseline                                                   # (groups, G)
+        target = targets.induced_target(advantages, beta)
+        assert torch.equal(regime_signs(advantages, beta), target.c.sign()), name
+        seen |= set(target.c.sign().tolist()) | ({"collapsed"} if target.collapsed.any() else set())
+    assert seen == {1.0, 0.0, -1.0, "collapsed"}  # every regime was checked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equal_rewards_under_pmd_and_oapl_at_beta_v_equal_beta_are_the_boundary_despite_round_off(dtype):
+    """c = 0 exactly in theory. In the advantages' dtype pmd on equal rewards of 0.7 leaves an ulp, and oapl's soft
+    value more: regime_shares' tolerance absorbs both at every beta and group size."""
+    for size in (2, 8, 64):
+        equal = torch.tensor([[0.0], [1.0], [0.7], [1 / 3]], dtype=dtype).expand(4, size)
+        mixed = (torch.rand(200, size, generator=torch.Generator().manual_seed(size)) < 0.5).to(dtype)
+        for beta in (1e-3, 0.1, 10.0):
+            assert op.regime_shares(equal - op.group_mean(equal), beta)["regime_boundary"] == 1.0
+            assert op.regime_shares(mixed - op.soft_value(mixed, beta), beta)["regime_boundary"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1049,8 +1094,7 @@ def test_every_loss_runs_end_to_end(loss, warm_out, tmp_path, capsys):
     if loss in ("ppo", "tis"):
         assert "clip_fraction" in metrics[1] and "ratio_max" in metrics[1]
     if loss in ("oapl", "pmd", "shifted"):  # apo's anchor is pi_ref: no regime of eq. 2 on mu's samples
-        fractions = [metrics[1][k] for k in ("regime_positive", "regime_boundary", "regime_negative",
-                                             "regime_collapsed")]
+        fractions = [metrics[1][k] for k in ("regime_positive", "regime_boundary", "regime_negative")]
         assert sum(fractions) == pytest.approx(1.0)
     if loss == "shifted":
         assert all(m["regime_positive"] == 1.0 for m in metrics[1:])
@@ -1245,8 +1289,7 @@ def test_grid_table_numbers_equal_the_cells_own_metrics(warm_out, tmp_path):
             "best_accuracy": sum(max(e) for e in evals) / 2, "warm_start_accuracy": sum(e[0] for e in evals) / 2,
             "final_entropy": over_seeds([per_step(run, "entropy", last=10) for run in runs]),
             **{key: over_seeds([per_step(run, key) for run in runs]) for key in
-               ("regime_positive", "regime_boundary", "regime_negative", "regime_collapsed", "clip_fraction",
-                "mass_leakage",
+               ("regime_positive", "regime_boundary", "regime_negative", "clip_fraction", "mass_leakage",
                 "advantage_mean")},
             "ratio_max": max((m["ratio_max"] for run in runs for m in run if "ratio_max" in m), default=math.nan),
             "minutes": sum(s["minutes"] for s in summaries) / 2,

@@ -265,8 +265,8 @@ def grid_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict
             "best_accuracy": mean(bests), "warm_start_accuracy": mean([run[0]["eval_accuracy"] for run in runs]),
             "final_entropy": mean([over_steps("entropy", run, last=10) for run in runs]),
             **{key: mean([over_steps(key, run) for run in runs])
-               for key in ("regime_positive", "regime_boundary", "regime_negative", "regime_collapsed", "clip_fraction",
-                           "mass_leakage", "advantage_mean")},
+               for key in ("regime_positive", "regime_boundary", "regime_negative", "clip_fraction", "mass_leakage",
+                           "advantage_mean")},
             "ratio_max": max((m["ratio_max"] for run in runs for m in run if "ratio_max" in m), default=float("nan")),
             "minutes": mean([summary["minutes"] for _, summary in cell_runs]),
         })
@@ -275,12 +275,11 @@ def grid_table(grouped: dict[tuple, list[tuple[list[dict], dict]]]) -> list[dict
 
 def format_grid_table(rows: list[dict]) -> str:
     dash_if_nan = lambda value, spec: "-" if math.isnan(value) else format(value, spec)  # noqa: E731
-    lines = ["| loss | lag | final accuracy (mean +- std) | best | final entropy | c>0 / c=0 / c<0 / collapsed | "
+    lines = ["| loss | lag | final accuracy (mean +- std) | best | final entropy | c>0 / c=0 / c<0 | "
              "clip fraction | max ratio | mass leakage | mean advantage | minutes |", "|" + "---|" * 11]
     for r in rows:
         regime = ("-" if math.isnan(r["regime_positive"]) else
-                  f"{r['regime_positive']:.2f} / {r['regime_boundary']:.2f} / {r['regime_negative']:.2f} / "
-                  f"{dash_if_nan(r['regime_collapsed'], '.2f')}")
+                  f"{r['regime_positive']:.2f} / {r['regime_boundary']:.2f} / {r['regime_negative']:.2f}")
         lines.append(f"| {r['loss']} | {r['lag']} | {r['final_accuracy']:.3f} +- {r['final_accuracy_std']:.3f} "
                      f"({r['seeds']}) | {r['best_accuracy']:.3f} | {r['final_entropy']:.3f} | {regime} | "
                      f"{dash_if_nan(r['clip_fraction'], '.3f')} | {dash_if_nan(r['ratio_max'], '.2f')} | "
