@@ -13,13 +13,14 @@ With x a prompt, y one of its G completions, r in {0, 1} its reward:
     eq. 2   pi_c(y) = mu(y) * W(c * exp(A(y)/beta)) / c,   c chosen so that sum_y pi_c(y) = 1
 
 eq. 2 is eq. 1's minimiser over distributions on a group's G samples, with mu the empirical distribution
-of the group (uniform over its G samples; W: a real Lambert-W branch). c has the sign of
-log mean_y exp(A(y)/beta) (`regime_shares` logs it): c > 0 is the pessimistic regime, c = 0 the Boltzmann
-target mu exp(A/beta) / Z, c < 0 the negative one. A negative c alone does not collapse the target (equal
-rewards at A/beta = -0.5: the minimiser is mu itself), but once c * exp(max A / beta) would have to fall
-below -1/e the principal branch W0 cannot normalise, and the minimiser puts one sample on the other branch
-W_-1, with most of the mass; it can also do so a little before that point, with less (a third or so).
-`experiments/targets.py` solves eq. 2 exactly and draws it.
+(1/G on each sample; W: a real Lambert-W branch). c has the sign of log mean_y exp(A(y)/beta)
+(`regime_shares` logs each sign's share of groups): c > 0 is the pessimistic regime, c = 0 the Boltzmann
+target mu exp(A/beta) / Z, c < 0 the negative one. Once c * exp(max A / beta) would have to fall below
+-1/e, the principal branch W0 cannot normalise; the minimiser then puts the sample with the largest A on
+the other branch W_-1 and the target collapses onto it, usually with most of the mass (0.9999 for one
+correct answer in 8, A = r - 0.9, beta 0.1). With a shared top advantage it can collapse a little
+earlier, onto less: 8 equal rewards give pi = mu down to A/beta = -0.795, then 0.40 on one sample. So
+c < 0 alone is no collapse. `experiments/targets.py` solves eq. 2 exactly and draws it.
 
 Part I, the algorithm, reads alone, in the order the data flows (after the flags, `Config`): task and
 reward, the lagged generator (a plain decode loop on the KV cache), the policy's log-probs (a plain
