@@ -1364,7 +1364,7 @@ def run_folder(cfg: Config) -> str:
 def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepResult, record: dict,
              step_accuracy: float | None) -> None:
     """The step's line of metrics.jsonl, with its wall-clock seconds (an evaluation's included), completion
-    tokens per second and peak memory; at an evaluation its accuracy, samples, checkpoint and curves."""
+    tokens per second and peak memory; at an evaluation its accuracy, samples and checkpoint."""
     seconds, run.clock = time.perf_counter() - run.clock, time.perf_counter()
     tokens = int(result.rollout.completion_mask.sum())
     run.totals["seconds"] += seconds
@@ -1377,12 +1377,11 @@ def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepRe
     if step_accuracy is not None:
         run.folder.append_samples(run.tokenizer, prompts, result, step)  # a few completions; prints one
         run.folder.save_checkpoint(run, step)
-        draw_curves(run.folder.path, run.cfg.loss)  # curves.png, when matplotlib is installed
 
 
 class RunFolder:
     """A run's folder and its files: config.json (the flags as resolved, where it ran), metrics.jsonl,
-    samples.jsonl, checkpoint.pt, curves.png, summary.json."""
+    samples.jsonl, checkpoint.pt, summary.json (`experiments/curves.py` draws curves.png from the metrics)."""
 
     def __init__(self, cfg: Config):
         self.path = run_folder(cfg)
@@ -1456,15 +1455,13 @@ class RunFolder:
         cfg, totals = run.cfg, run.totals
         steps = [m for m in read_lines(self.metrics) if "loss" in m]
         cycle_ends = [m["kl_sequence"] for m in steps if m["staleness"] == cfg.lag - 1 or m["step"] == cfg.steps]
-        curves = os.path.join(self.path, "curves.png")
         summary = {"run": self.path, "loss": cfg.loss, "lag": cfg.lag, "steps": cfg.steps,
                    "warm_start_accuracy": run.evals[0], "final_accuracy": run.evals[-1],
                    "best_accuracy": max(run.evals), "minutes": totals["seconds"] / 60,
                    "tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9),
                    "kl_at_cycle_ends": cycle_ends,
                    "final_mass_leakage": mean([m["mass_leakage"] for m in steps[-10:]]),
-                   "log_ratio_floor": mean([m.get("log_ratio_abs_mean") for m in steps if m["staleness"] == 0]),
-                   "curves": curves if os.path.exists(curves) else None}
+                   "log_ratio_floor": mean([m.get("log_ratio_abs_mean") for m in steps if m["staleness"] == 0])}
         write_atomically(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=1))
         return summary
 
@@ -1511,53 +1508,6 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def pyplot(say_if_missing: bool = True):
-    """matplotlib.pyplot, or None (with a message, unless asked not to) when it is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if say_if_missing:
-            tqdm.write("plots skipped: matplotlib is not installed (pip install matplotlib to get them)")
-        return None
-    return plt
-
-
-def draw_curves(folder: str, loss: str) -> None:
-    """curves.png, redrawn at each evaluation: accuracy and reward; KL(mu || pi) and mass leakage; regimes."""
-    plt = pyplot(say_if_missing=False)  # the run's summary says how to get them
-    if plt is None:
-        return
-    metrics = read_lines(os.path.join(folder, "metrics.jsonl"))
-    steps = [m for m in metrics if "loss" in m]
-
-    def series(key, lines=steps):  # (steps, values) of the lines that have the key
-        return [m["step"] for m in lines if key in m], [m[key] for m in lines if key in m]
-
-    figure, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    axes[0].plot(*series("eval_accuracy", metrics), marker="o", label="greedy accuracy (held out)")
-    axes[0].plot(*series("reward_mean"), lw=0.6, alpha=0.7, label="mean reward of the samples")
-    axes[1].plot(*series("kl_sequence"), label="KL(mu || pi) per completion")
-    axes[1].plot(*series("mass_leakage"), label="mass leakage")
-    for m in steps:
-        if m["staleness"] == 0 and m["step"] > 1:
-            axes[1].axvline(m["step"], color="grey", lw=0.4, ls=":")
-    axes[1].set_title("dotted: generator refreshes", fontsize=8)
-    for key, label in (("regime_positive", "groups at c > 0"), ("regime_boundary", "c = 0"),
-                       ("regime_negative", "c < 0"), ("advantage_mean", "mean advantage")):
-        axes[2].plot(*series(key), label=label)
-    axes[2].set_title(f"{loss}: regimes of eq. 2 and the mean advantage" if "regime_positive" in steps[-1] else
-                      f"{loss}: mean advantage", fontsize=8)
-    for axis in axes:
-        axis.set_xlabel("step")
-        axis.legend(fontsize=7, loc="center right")  # a fixed place: "best" searches every point
-    figure.tight_layout()
-    figure.savefig(os.path.join(folder, "curves.png.tmp.png"), dpi=100)  # written, then renamed
-    plt.close(figure)
-    os.replace(os.path.join(folder, "curves.png.tmp.png"), os.path.join(folder, "curves.png"))
-
-
 # ----------------------------------------------------------------------------------------------
 # Main: parse and check the flags, train, print the summary; errors are one line and an exit code.
 # ----------------------------------------------------------------------------------------------
@@ -1578,8 +1528,7 @@ def format_summary(summary: dict) -> str:
         f"on the sampled completions)",
         f"metrics: {os.path.join(summary['run'], 'metrics.jsonl')}, "
         f"samples: {os.path.join(summary['run'], 'samples.jsonl')}",
-        f"curves: {summary['curves']}" if summary["curves"] else
-        "curves: not drawn, matplotlib is not installed (pip install matplotlib draws curves.png)"])
+        f"curves: python experiments/curves.py {summary['run']} (with matplotlib)"])
 
 
 def run_command(argv: list[str] | None, config_class, work, check=check_config, description: str | None = None,

@@ -22,6 +22,7 @@ import offpolicy_pessimism as op
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
 import bench  # noqa: E402  (experiments/bench.py)
 import compare  # noqa: E402  (experiments/compare.py)
+import curves  # noqa: E402  (experiments/curves.py)
 import targets  # noqa: E402  (experiments/targets.py: eq. 2's exact target, on Lambert's W)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -2085,12 +2086,11 @@ def test_auto_on_the_cpu_of_a_machine_with_an_nvidia_driver_says_torch_cannot_us
     assert "torch cannot use CUDA" not in capsys.readouterr().out
 
 
-def test_a_run_draws_its_curves_and_its_last_lines_say_what_happened(warm_out, tmp_path, capsys):
+def test_a_runs_last_lines_say_what_happened_and_how_to_draw_its_curves(warm_out, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = fresh_out(warm_out, tmp_path)
     assert main(["--out", str(out), *TINY, "--lag", "2"]) == 0
     (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
-    assert (out / run / "curves.png").stat().st_size > 10_000
     last = capsys.readouterr().out.strip().splitlines()[-5:]
     metrics = metrics_of(out)
     assert last[0] == f"greedy accuracy {metrics[0]['eval_accuracy']:.3f} -> {metrics[-1]['eval_accuracy']:.3f} " \
@@ -2101,18 +2101,26 @@ def test_a_run_draws_its_curves_and_its_last_lines_say_what_happened(warm_out, t
     assert last[2].startswith(f"mass leakage over the last 10 steps: "
                               f"{sum(m['mass_leakage'] for m in metrics[1:]) / 3:.3f}")
     assert last[3] == f"metrics: {out / run / 'metrics.jsonl'}, samples: {out / run / 'samples.jsonl'}"
-    assert last[4] == f"curves: {out / run / 'curves.png'}"
+    assert last[4] == f"curves: python experiments/curves.py {out / run} (with matplotlib)"
+    assert not (out / run / "curves.png").exists()  # the trainer writes numbers only
+    assert curves.main([str(out / run)]) == 0
+    assert capsys.readouterr().out == f"curves: {out / run / 'curves.png'}\n"
+    assert (out / run / "curves.png").stat().st_size > 10_000 and not list((out / run).glob("*.tmp*"))
 
 
-def test_without_matplotlib_a_run_ends_with_one_line_saying_how_to_get_its_curves(warm_out, tmp_path, monkeypatch,
-                                                                                  capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+def test_curves_without_matplotlib_or_of_a_folder_that_is_no_run_say_so_in_one_line(warm_out, tmp_path, monkeypatch,
+                                                                                    capsys):
     out = fresh_out(warm_out, tmp_path)
     assert main(["--out", str(out), *TINY]) == 0
-    printed = capsys.readouterr().out
-    assert printed.strip().splitlines()[-1] == ("curves: not drawn, matplotlib is not installed "
-                                                "(pip install matplotlib draws curves.png)")
-    assert printed.count("matplotlib is not installed") == 1 and not list(out.rglob("curves.png"))
+    (run,) = [d for d in os.listdir(out) if not d.startswith("warmstart_")]
+    capsys.readouterr()
+    assert curves.main([str(tmp_path)]) == 2
+    assert messages(capsys.readouterr().err) == [f"error: {tmp_path} holds no metrics.jsonl: give a run folder "
+                                                 f"(runs/<loss>_lag...)"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert curves.main([str(out / run)]) == 2
+    assert capsys.readouterr().out == "plots skipped: matplotlib is not installed (pip install matplotlib to get them)\n"
+    assert not list(out.rglob("curves.png"))
 
 
 # ---------------------------------------------------------------------------------------------

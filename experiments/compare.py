@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from curves import pyplot  # noqa: E402
 from offpolicy_pessimism import (LOSSES, Config, UsageError, check_config, flag, load_model, load_task,  # noqa: E402
-                                 mean, pyplot, read_lines, resolve_defaults, run_command, run_folder, train,
+                                 mean, read_lines, resolve_defaults, run_command, run_folder, train,
                                  device_and_precision)
 
 STRONG_WARM_START_STEPS = 900  # --preset strong-start: 0.915 greedy accuracy

@@ -36,7 +36,8 @@ from typing import NamedTuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from offpolicy_pessimism import group_mean, pyplot, shifted_mean_advantages, soft_value  # noqa: E402
+from curves import pyplot  # noqa: E402
+from offpolicy_pessimism import group_mean, shifted_mean_advantages, soft_value  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
