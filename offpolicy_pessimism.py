@@ -1373,7 +1373,7 @@ def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepRe
     if step_accuracy is not None:
         record["eval_accuracy"] = step_accuracy
         run.evals.append(step_accuracy)
-    run.folder.append_metrics(record)
+    append_line(run.folder.metrics, record)
     if step_accuracy is not None:
         run.folder.append_samples(run.tokenizer, prompts, result, step)  # a few completions; prints one
         run.folder.save_checkpoint(run, step)
@@ -1400,7 +1400,8 @@ class RunFolder:
         os.makedirs(self.path, exist_ok=True)
         write_atomically(os.path.join(self.path, "config.json"), json.dumps(
             {**dataclasses.asdict(run.cfg), "model_source": run.source, "device": str(run.device),
-             "resolved_precision": run.models.precision, **where_it_runs(run)}, indent=1))
+             "resolved_precision": run.models.precision, "device_name": device_name(run.device),
+             "parameters": sum(p.numel() for p in run.models.policy.parameters())}, indent=1))
         append_line(self.metrics, {"step": 0, "eval_accuracy": run.evals[0]})
         self.save_checkpoint(run, 0)
 
@@ -1433,9 +1434,6 @@ class RunFolder:
         run.evals = [m["eval_accuracy"] for m in read_lines(self.metrics) if "eval_accuracy" in m]
         return state["step"]
 
-    def append_metrics(self, record: dict) -> None:
-        append_line(self.metrics, record)
-
     def append_samples(self, tokenizer, prompts: list[tuple[str, str]], result: StepResult, step: int) -> None:
         """What the model writes: the first completion of each of the batch's first SAMPLES_PER_EVALUATION
         prompts, with its reward, appended to samples.jsonl; the first one printed."""
@@ -1464,11 +1462,6 @@ class RunFolder:
                    "log_ratio_floor": mean([m.get("log_ratio_abs_mean") for m in steps if m["staleness"] == 0])}
         write_atomically(os.path.join(self.path, "summary.json"), json.dumps(summary, indent=1))
         return summary
-
-
-def where_it_runs(run: Run) -> dict:
-    """The device by name and the policy's parameter count (config.json has them)."""
-    return {"device_name": device_name(run.device), "parameters": sum(p.numel() for p in run.models.policy.parameters())}
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -1512,14 +1505,11 @@ def mean(values) -> float:
 # Main: parse and check the flags, train, print the summary; errors are one line and an exit code.
 # ----------------------------------------------------------------------------------------------
 def format_summary(summary: dict) -> str:
-    """The run's table row, then what happened in three lines, then where its files are."""
-    header = ("| loss | lag | steps | warm-start accuracy | final accuracy | minutes | tokens/s |\n|" +
-              "---|" * 7)
-    row = (f"| {summary['loss']} | {summary['lag']} | {summary['steps']} | {summary['warm_start_accuracy']:.3f} | "
-           f"{summary['final_accuracy']:.3f} | {summary['minutes']:.2f} | {summary['tokens_per_s']:.0f} |")
+    """The run in one line, then what happened in three lines, then where its files are."""
     kl = summary["kl_at_cycle_ends"]
     return "\n".join([
-        header, row,
+        f"{summary['loss']}, lag {summary['lag']}: {summary['steps']} steps in {summary['minutes']:.2f} minutes, "
+        f"{summary['tokens_per_s']:.0f} completion tokens/s",
         f"greedy accuracy {summary['warm_start_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
         f"(best {summary['best_accuracy']:.3f})",
         f"KL(mu || pi) per completion at the end of each of {len(kl)} stale cycles: mean {mean(kl):.3f}, "
