@@ -17,10 +17,9 @@ eq. 2 is eq. 1's minimiser over distributions on a group's G samples, with mu th
 (`regime_shares` logs each sign's share of groups): c > 0 is the pessimistic regime, c = 0 the Boltzmann
 target mu exp(A/beta) / Z, c < 0 the negative one. Once c * exp(max A / beta) would have to fall below
 -1/e, the principal branch W0 cannot normalise; the minimiser then puts the sample with the largest A on
-the other branch W_-1 and the target collapses onto it, usually with most of the mass (0.9999 for one
-correct answer in 8, A = r - 0.9, beta 0.1). With a shared top advantage it can collapse a little
-earlier, onto less: 8 equal rewards give pi = mu down to A/beta = -0.795, then 0.40 on one sample. So
-c < 0 alone is no collapse. `experiments/targets.py` solves eq. 2 exactly and draws it.
+the other branch W_-1 and the target collapses onto it, usually with most of the mass. With a shared top
+advantage it can collapse a little earlier, onto less (about 0.4 of the mass for 8 equal rewards), and
+c < 0 alone is no collapse. `experiments/targets.py` solves eq. 2 exactly, with these numbers.
 
 Part I, the algorithm, reads alone, in the order the data flows (after the flags, `Config`): task and
 reward, the lagged generator (a plain decode loop on the KV cache), the policy's log-probs (a plain
@@ -28,8 +27,8 @@ forward), advantages, the losses (each with its equation), one RL step (sample, 
 micro-batches, AdamW step), its diagnostics, the training loop (which calls the appendix to start a run,
 evaluate and write files). It is the code that runs; `--fast` swaps in one drop-in, on one visible line of
 `prepare_models`: the update's `shared_prompt_logits` (a group's prompt computed once, not G times), with
-`completion_logits`' signature and a test that both compute the same. Below the line `# Appendix` is the
-machinery: flags, loading and warm starts, the math-answer checker, mass leakage, the drop-in and memory,
+`completion_logits`' signature; a test shows both compute the same. Below the line `# Appendix` is the
+machinery: flags, loading and warm starts, the math-answer checker, the drop-in and memory,
 starting and evaluating a run, run files and `main`. Experiments built on it live beside it:
 `experiments/compare.py` (grids of losses x lags x seeds, tables, plots), `experiments/targets.py`
 (eq. 2 solved exactly with Lambert's W, drawn for one group), `experiments/bench.py` (seconds per step,
@@ -37,14 +36,17 @@ tokens/s, memory, MFU, the largest micro-batch that fits).
 
 What this file leaves out, on purpose:
   1. one optimizer step per sampled batch (no PPO epochs): pi/mu differs from 1 through the lag, and
-     under bf16 through rounding too (the generator is stored in bf16, the policy in fp32 under autocast:
-     `log_ratio_abs_mean` at staleness 0 is that floor);
+     through rounding too: the generator decodes a token at a time from its KV cache while the policy runs
+     whole sequences, and under bf16 the matmuls' inputs and outputs are rounded (the logits are upcast
+     before the log-softmax) and the generator is stored in bf16 (`log_ratio_abs_mean` at staleness 0 is
+     that floor: about 1e-7 nats per completion in fp32, 1e-2 in bf16);
   2. no KL-to-reference penalty (A*-PO is anchored on pi_ref through its loss, not through a penalty);
   3. no learning-rate schedule or warm-up: AdamW at a constant `--lr`, no weight decay;
   4. ppo and tis average over tokens, while the eq. 1 losses and reinforce sum log-probs over the
      completion, so one `--lr` means different step sizes for the two families;
   5. no vLLM or other inference server: the generator is a plain copy of the policy in the same process;
-  6. one process on one device: for several GPUs, `examples/trl_grpo.py` runs these losses inside TRL.
+  6. one process on one device: for several GPUs, `examples/trl_grpo.py` runs these losses inside TRL;
+  7. no value network or GAE: every baseline is computed from the group's own rewards.
 
 `python offpolicy_pessimism.py` runs offline: built-in 2-digit additions and a tiny character-level Llama
 it builds and warm-starts itself. `--model` loads any Hugging Face causal LM, `--task gsm8k|math|jsonl
@@ -234,9 +236,10 @@ def last_logits_only(model, count: int = 1) -> dict:
 
 def fixed_uniforms(key: str, rows: int, columns: int) -> torch.Tensor:
     """Uniforms in [0, 1) (rows, columns), float64 on the CPU, from a generator seeded by a hash of `key`
-    ("seed|step"). Why not torch.multinomial: with fixed uniforms per step, a resumed run and a replayed step
-    draw the same tokens on any device, as long as they compute the same logits (logits that differ in
-    rounding can, rarely, move a token across a uniform's threshold)."""
+    ("seed|step"). Why not torch.multinomial: with fixed uniforms the draw is a function of the logits and the
+    key alone, not of an RNG's state or the device's random stream, so a resumed run or a replayed step draws
+    what the uninterrupted one drew from the same logits. Logits that differ by rounding (another device,
+    another --micro-batch or --fast) can move a token across its uniform, and then the rest of that completion."""
     seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
     return torch.rand(rows, columns, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -373,8 +376,9 @@ def shifted_mean_advantages(rewards: torch.Tensor, beta: float, shift: float = 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses. Token tensors are (N, T) with N = groups * G, prompt-major; rewards are (groups, G). Each
-# returns (scalar loss, diagnostics); diagnostics["advantages"] is the (groups, G) advantage it used.
+# Losses. Token tensors are (N, T) with N = groups * G, prompt-major; rewards are (groups, G); mask (N, T) holds
+# the tokens the loss sums over (`loss_mask`). Each returns (scalar loss, diagnostics); diagnostics["advantages"]
+# is the (groups, G) advantage it used.
 # ----------------------------------------------------------------------------------------------
 def sequence_sum(token_values: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
     """sum_t over the completion (N,), or the mean over its tokens with length_normalize."""
@@ -392,71 +396,74 @@ def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
-def ppo_loss(policy_logp, behavior_logp, completion_mask, rewards, clip_eps: float = 0.2):
+def ppo_loss(policy_logp, behavior_logp, mask, rewards, clip_eps: float = 0.2):
     """PPO/GRPO clip against the generator, no KL term:
     L = -mean_y mean_{t in y} min(ratio_t * A_group, clip(ratio_t, 1 - eps, 1 + eps) * A_group),
     ratio_t = exp(log pi(y_t) - log mu(y_t)) (the log-ratio clamped to +-20), A_group = (r - mean) / (std + eps).
+    The ratio is against the generator mu, not the policy before this step: at staleness > 0 it starts away from 1,
+    so the clip bounds the lag and the update together (CleanRL's PPO starts each update at ratio 1).
     """
     advantages = grpo_advantages(rewards)
     token_advantage = advantages.reshape(-1, 1)  # (N, 1)
     ratio = torch.exp((policy_logp - behavior_logp).clamp(-20, 20))
     objective = torch.minimum(ratio * token_advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * token_advantage)
-    loss = -_token_mean(objective, completion_mask)
-    return loss, {**_ratio_stats(ratio, completion_mask, (ratio - 1).abs() > clip_eps), "advantages": advantages}
+    loss = -_token_mean(objective, mask)
+    return loss, {**_ratio_stats(ratio, mask, (ratio - 1).abs() > clip_eps), "advantages": advantages}
 
 
-def tis_loss(policy_logp, behavior_logp, completion_mask, rewards, is_cap: float = 2.0):
+def tis_loss(policy_logp, behavior_logp, mask, rewards, is_cap: float = 2.0):
     """Truncated importance-sampling policy gradient:
     L = -mean_y mean_{t in y} stopgrad(min(ratio_t, C)) * A_group * log pi(y_t).
     """
     advantages = grpo_advantages(rewards)
     ratio = torch.exp((policy_logp - behavior_logp).clamp(-20, 20)).detach()
     weight = ratio.clamp(max=is_cap)
-    loss = -_token_mean(weight * advantages.reshape(-1, 1) * policy_logp, completion_mask)
-    return loss, {**_ratio_stats(ratio, completion_mask, ratio > is_cap), "advantages": advantages}
+    loss = -_token_mean(weight * advantages.reshape(-1, 1) * policy_logp, mask)
+    return loss, {**_ratio_stats(ratio, mask, ratio > is_cap), "advantages": advantages}
 
 
-def reinforce_loss(policy_logp, completion_mask, rewards, delta: float = 0.1, length_normalize: bool = False):
+def reinforce_loss(policy_logp, mask, rewards, delta: float = 0.1, length_normalize: bool = False):
     """Ratio-free off-policy REINFORCE with a baseline below the mean (AsymRE, arXiv 2506.20520):
     L = -mean_y (r - mean + delta) * sum_t log pi(y_t).
     """
     advantages = rewards - group_mean(rewards) + delta
-    sequence_logp = sequence_sum(policy_logp, completion_mask, length_normalize).view_as(rewards)
+    sequence_logp = sequence_sum(policy_logp, mask, length_normalize).view_as(rewards)
     return -(advantages * sequence_logp).mean(), {"advantages": advantages}
 
 
-def oapl_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, beta_value: float,
+def oapl_loss(policy_logp, behavior_logp, mask, rewards, beta: float, beta_value: float,
               length_normalize: bool = False):
     """OAPL (arXiv 2602.19362), eq. 1 anchored on the generator with a soft-value baseline:
     L = mean (beta * log(pi/mu)(y) - (r - beta_v log mean_j exp(r_j / beta_v)))^2.
-    beta_v > beta: pessimistic regime; = beta: boundary; < beta: negative regime.
+    On a group with unequal rewards beta_v > beta is the pessimistic regime, = beta the boundary, < beta the
+    negative regime (equal rewards: the boundary). Yet Abar < 0 in every such group: the soft value is above the mean.
     """
     advantages = rewards - soft_value(rewards, beta_value)
-    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, mask, length_normalize).view_as(rewards)
     return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
 
 
-def apo_loss(policy_logp, ref_logp, completion_mask, rewards, ref_value, beta: float,
+def apo_loss(policy_logp, ref_logp, mask, rewards, ref_value, beta: float,
              length_normalize: bool = False):
     """A*-PO (arXiv 2505.20686), eq. 1 with pi_ref in mu's place in the log-ratio (the samples still come from mu):
     L = mean (beta * log(pi/pi_ref)(y) - (r - V_ref))^2, with V_ref = beta_v log mean exp(r/beta_v)
     estimated once per prompt from pi_ref's own samples; ref_value: (groups, 1).
     """
     advantages = rewards - ref_value
-    log_ratio = sequence_sum(policy_logp - ref_logp, completion_mask, length_normalize).view_as(rewards)
+    log_ratio = sequence_sum(policy_logp - ref_logp, mask, length_normalize).view_as(rewards)
     return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
 
 
-def pmd_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, length_normalize: bool = False):
+def pmd_loss(policy_logp, behavior_logp, mask, rewards, beta: float, length_normalize: bool = False):
     """PMD-mean / Kimi k1.5 squared loss (arXiv 2602.05933), eq. 1 with the group-mean baseline:
     L = mean (beta * log(pi/mu)(y) - (r - mean_j r_j))^2. Never in the negative regime (Jensen).
     """
     advantages = rewards - group_mean(rewards)
-    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, mask, length_normalize).view_as(rewards)
     return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
 
 
-def shifted_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, shift: float = 1.0,
+def shifted_loss(policy_logp, behavior_logp, mask, rewards, beta: float, shift: float = 1.0,
                  length_normalize: bool = False):
     """The paper's beta-shifted mean (as we read it), eq. 1 with the advantage r - mean + shift * beta:
     L = mean (beta * log(pi/mu)(y) - (r - mean_j r_j + shift * beta))^2.
@@ -464,18 +471,18 @@ def shifted_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: flo
     shift = 0 is pmd; a negative shift can put groups in the negative regime.
     """
     advantages = shifted_mean_advantages(rewards, beta, shift)
-    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, mask, length_normalize).view_as(rewards)
     return squared_regression(log_ratio, advantages, beta), {"advantages": advantages}
 
 
-def centred_loss(policy_logp, behavior_logp, completion_mask, rewards, beta: float, length_normalize: bool = False):
+def centred_loss(policy_logp, behavior_logp, mask, rewards, beta: float, length_normalize: bool = False):
     """The control: eq. 1 without its mean term (see `regression_split`), i.e. the baseline-free pairwise
     regression of REBEL (arXiv 2404.16767) in its centred form, d = log(pi/mu)(y):
     L = mean (beta * (d_i - mean_j d_j) - (r_i - mean_j r_j))^2.
     A constant added to a group's rewards or baseline cancels: no baseline, so no regime.
     """
     advantages = rewards - group_mean(rewards)
-    log_ratio = sequence_sum(policy_logp - behavior_logp, completion_mask, length_normalize).view_as(rewards)
+    log_ratio = sequence_sum(policy_logp - behavior_logp, mask, length_normalize).view_as(rewards)
     return squared_regression(log_ratio - group_mean(log_ratio), advantages, beta), {"advantages": advantages}
 
 
@@ -499,23 +506,23 @@ def compute_loss(cfg: Config, policy_logp, rollout: Rollout, rewards, ref_logp=N
     --max-new-tokens carry no gradient (no tokens in the mask) but stay rows: in their group's baseline, in each
     mean over completions (an eq. 1 term (0 - A)^2), and, with log-ratio 0, in centred's group mean."""
     mask = loss_mask(cfg.truncated, rollout)  # (N, T) the tokens the loss sums over
-    behavior_logp, norm = rollout.behavior_logp, cfg.length_normalize
+    behavior_logp, length_normalize = rollout.behavior_logp, cfg.length_normalize
     if cfg.loss == "ppo":
         return ppo_loss(policy_logp, behavior_logp, mask, rewards, cfg.clip_eps)
     if cfg.loss == "tis":
         return tis_loss(policy_logp, behavior_logp, mask, rewards, cfg.is_cap)
     if cfg.loss == "reinforce":
-        return reinforce_loss(policy_logp, mask, rewards, cfg.delta, norm)
+        return reinforce_loss(policy_logp, mask, rewards, cfg.delta, length_normalize)
     if cfg.loss == "oapl":
-        return oapl_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.beta_value, norm)
+        return oapl_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.beta_value, length_normalize)
     if cfg.loss == "apo":
-        return apo_loss(policy_logp, ref_logp, mask, rewards, ref_value, cfg.beta, norm)
+        return apo_loss(policy_logp, ref_logp, mask, rewards, ref_value, cfg.beta, length_normalize)
     if cfg.loss == "pmd":
-        return pmd_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
+        return pmd_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, length_normalize)
     if cfg.loss == "shifted":
-        return shifted_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.shift, norm)
+        return shifted_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, cfg.shift, length_normalize)
     if cfg.loss == "centred":
-        return centred_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, norm)
+        return centred_loss(policy_logp, behavior_logp, mask, rewards, cfg.beta, length_normalize)
     raise ValueError(f"unknown loss {cfg.loss!r}; choose from {', '.join(LOSSES)}")
 
 
@@ -579,7 +586,8 @@ def autocast(device: torch.device, precision: str):
 
 def reference_values(reference, tokenizer, batch, values: dict, cfg: Config, checker=reward) -> torch.Tensor:
     """A*-PO's V_ref per prompt (groups, 1): soft value of G rewards sampled once from pi_ref (seeded by the
-    prompt, so V_ref does not depend on when it is first needed), then kept in `values` {prompt: V_ref}."""
+    prompt, so V_ref does not depend on when it is first needed, up to rounding: a prompt's padding depends on
+    the prompts sampled with it), then kept in `values` {prompt: V_ref}."""
     new = [(p, a) for p, a in dict(batch).items() if p not in values]
     if new:
         uniforms = torch.cat([fixed_uniforms(f"{cfg.seed}|reference|{p}", cfg.group_size, cfg.max_new_tokens)
@@ -646,6 +654,7 @@ def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tupl
     policy, optimizer, precision = models.policy, models.optimizer, models.precision
     device = next(policy.parameters()).device
     # 1. sample: G completions per prompt from the generator mu, N = prompts * G rows, with log mu per token
+    #    (A*-PO also samples pi_ref once per new prompt, for its baseline V_ref)
     with autocast(device, precision):
         rollout = sample_groups(models.generator, tokenizer, [p for p, _ in batch], cfg.group_size,
                                 cfg.max_new_tokens, cfg.temperature, uniforms, staleness)
@@ -654,6 +663,7 @@ def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tupl
     # 2. score: a reward per completion
     rewards = score(tokenizer, rollout, [a for _, a in batch], cfg.group_size, checker,
                     zero_truncated=cfg.truncated == "zero")  # (groups, G)
+    # 3. the loss's other inputs: the micro-batch size, and A*-PO's log pi_ref
     micro_batch = cfg.micro_batch
     if cfg.loss == "centred" and micro_batch:  # its loss couples a group's completions: micro-batches of whole groups
         micro_batch = math.ceil(micro_batch / cfg.group_size) * cfg.group_size
@@ -663,25 +673,25 @@ def rl_step(cfg: Config, models: ModelsAndOptimizer, tokenizer, batch: list[tupl
             ref_logp = torch.cat([completion_logprobs(models.reference, rollout.rows(part), cfg.temperature,
                                                       models.logits_of)[0]
                                   for part in micro_batches(rollout.completion_ids.shape[0], micro_batch)])  # (N, T)
-    # 3. loss and 4. backward, a micro-batch of rows at a time (the gradient is the full batch's)
+    # 4. loss and backward, a micro-batch of rows at a time (the gradient is the full batch's)
     optimizer.zero_grad(set_to_none=True)
     loss, diagnostics, policy_logp, entropy = backward_in_micro_batches(
         policy, rollout, cfg.temperature, micro_batch,
         lambda logp: compute_loss(cfg, logp, rollout, rewards, ref_logp, ref_value), precision, models.logits_of)
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss.item()}")
+    # 5. step: clip the gradient's norm, then AdamW
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
     if not torch.isfinite(grad_norm):
         raise TrainingDiverged(f"gradient norm is {grad_norm.item()}")
-    # 5. step
     optimizer.step()
     return StepResult(rollout, rewards, loss.detach(), diagnostics, policy_logp, entropy, grad_norm, ref_logp,
                       ref_value)
 
 
 # ----------------------------------------------------------------------------------------------
-# Diagnostics: the split of eq. 1 into a centred part and a mean term, the regime of eq. 2's target per group, and
-# the metrics line of a step (with one diagnostic from the appendix, `mass_leakage`).
+# Diagnostics: the split of eq. 1 into a centred part and a mean term, mass leakage, the regime of eq. 2's target
+# per group, and the metrics line of a step.
 # ----------------------------------------------------------------------------------------------
 def regression_split(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: float):
     """eq. 1 on each group splits exactly into a centred part and a mean term (README, "The math"),
@@ -690,6 +700,27 @@ def regression_split(log_ratio: torch.Tensor, advantages: torch.Tensor, beta: fl
     log_ratio_mean, advantage_mean = group_mean(log_ratio), group_mean(advantages)
     centred = ((beta * (log_ratio - log_ratio_mean) - (advantages - advantage_mean)) ** 2).mean()
     return centred, ((beta * log_ratio_mean - advantage_mean) ** 2).mean()
+
+
+def mass_leakage(policy_sequence_logp: torch.Tensor, behavior_sequence_logp: torch.Tensor,
+                 completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int) -> dict:
+    """sum_i pi(y_i) / sum_i mu(y_i) over each group's distinct completions, averaged over groups.
+
+    Below 1: the policy moved mass onto completions nobody sampled. Also the generator's own mass on
+    its distinct samples, which shows how much of mu a group of G samples covers.
+    """
+    ratios, covered = [], []
+    for start in range(0, completion_ids.shape[0], group_size):
+        distinct = {}
+        for row in range(start, start + group_size):
+            key = tuple(completion_ids[row][completion_mask[row]].tolist())
+            distinct.setdefault(key, row)
+        rows = torch.tensor(list(distinct.values()))
+        policy_mass = torch.logsumexp(policy_sequence_logp[rows].double(), 0)
+        generator_mass = torch.logsumexp(behavior_sequence_logp[rows].double(), 0)
+        ratios.append((policy_mass - generator_mass).exp().item())
+        covered.append(generator_mass.exp().item())
+    return {"mass_leakage": sum(ratios) / len(ratios), "generator_mass_sampled": sum(covered) / len(covered)}
 
 
 def regime_shares(advantages: torch.Tensor, beta: float) -> dict:
@@ -723,7 +754,8 @@ def regime_shares(advantages: torch.Tensor, beta: float) -> dict:
 def step_metrics(cfg: Config, step: int, result: StepResult) -> dict:
     """One line of metrics.jsonl (README, "Reading metrics.jsonl"): the batch as the policy saw it
     before the update, the loss's own diagnostics, the regime and mean-term diagnostics. The regimes
-    are those of eq. 2 on the G samples from mu, so apo (anchored on pi_ref) has none."""
+    are those of eq. 2 on the G samples from mu, so apo (anchored on pi_ref) has none. `log_step` adds the
+    timing and, at an evaluation, the greedy accuracy measured after the update."""
     rollout, rewards, mask = result.rollout, result.rewards, result.rollout.completion_mask  # (groups, G), (N, T)
     advantages = result.diagnostics["advantages"].detach()                                   # (groups, G)
     policy_sequence_logp = sequence_sum(result.policy_logp, mask)                            # (N,)
@@ -737,6 +769,7 @@ def step_metrics(cfg: Config, step: int, result: StepResult) -> dict:
         "entropy": result.entropy[mask].mean().item(), "completion_length": tokens / mask.shape[0],
         "log_ratio_mean": sequence_log_ratio.mean().item(),
         "log_ratio_abs_mean": sequence_log_ratio.abs().mean().item(),  # at staleness 0: the rounding floor
+        # KL(mu || pi) per token by the k3 estimator on mu's samples (CleanRL's approx_kl), then per completion
         "kl_generator_policy": (token_log_ratio.exp() - 1 - token_log_ratio).mean().item(),
         "kl_sequence": (sequence_log_ratio.clamp(max=20).exp() - 1 - sequence_log_ratio).mean().item(),
         "equal_reward_groups": (rewards == rewards[:, :1]).all(-1).float().mean().item(),
@@ -762,7 +795,7 @@ def step_metrics(cfg: Config, step: int, result: StepResult) -> dict:
 def train(cfg: Config, problems: tuple[list, list] | None = None, quiet: bool = False) -> dict:
     """One run, from its warm start or its last checkpoint to --steps; returns summary.json's contents."""
     cfg = resolve_defaults(cfg)  # a Config() built in Python: its placeholders resolved, as the command line's are
-    run, start_step = start_run(cfg, problems)
+    run, start_step = start_run(cfg, problems)  # no torch.manual_seed: nothing draws from torch's global RNG
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=os.path.basename(run.folder.path), initial=start_step,
                total=cfg.steps, dynamic_ncols=True, disable=quiet)
     for step in bar:
@@ -1205,33 +1238,8 @@ CHECKERS = {"arith": reward, "math": math_reward, "math_verify": math_verify_rew
 
 
 # ----------------------------------------------------------------------------------------------
-# A diagnostic that `step_metrics` logs: mass leakage (eq. 2's exact target, on Lambert's W, lives in
-# experiments/targets.py; the trainer logs only the sign of its c, `regime_shares`).
-# ----------------------------------------------------------------------------------------------
-def mass_leakage(policy_sequence_logp: torch.Tensor, behavior_sequence_logp: torch.Tensor,
-                 completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int) -> dict:
-    """sum_i pi(y_i) / sum_i mu(y_i) over each group's distinct completions, averaged over groups.
-
-    Below 1: the policy moved mass onto completions nobody sampled. Also the generator's own mass on
-    its distinct samples, which shows how much of mu a group of G samples covers.
-    """
-    ratios, covered = [], []
-    for start in range(0, completion_ids.shape[0], group_size):
-        distinct = {}
-        for row in range(start, start + group_size):
-            key = tuple(completion_ids[row][completion_mask[row]].tolist())
-            distinct.setdefault(key, row)
-        rows = torch.tensor(list(distinct.values()))
-        policy_mass = torch.logsumexp(policy_sequence_logp[rows].double(), 0)
-        generator_mass = torch.logsumexp(behavior_sequence_logp[rows].double(), 0)
-        ratios.append((policy_mass - generator_mass).exp().item())
-        covered.append(generator_mass.exp().item())
-    return {"mass_leakage": sum(ratios) / len(ratios), "generator_mass_sampled": sum(covered) / len(covered)}
-
-
-# ----------------------------------------------------------------------------------------------
-# The faster drop-in (--fast: the plain function's signature, and a test shows both compute the same): one
-# prompt pass per group; then memory: gradient checkpointing, and the peak memory a step logs.
+# The faster drop-in (--fast): one prompt pass per group; then memory: gradient checkpointing, and the peak
+# memory a step logs.
 # ----------------------------------------------------------------------------------------------
 def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """The drop-in for `completion_logits`: the same logits (N, T, V), with the graph. A group's rows share
@@ -1509,7 +1517,7 @@ def format_summary(summary: dict) -> str:
     kl = summary["kl_at_cycle_ends"]
     return "\n".join([
         f"{summary['loss']}, lag {summary['lag']}: {summary['steps']} steps in {summary['minutes']:.2f} minutes, "
-        f"{summary['tokens_per_s']:.0f} completion tokens/s",
+        f"{summary['tokens_per_s']:.0f} completion tokens/s (evaluations included)",
         f"greedy accuracy {summary['warm_start_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
         f"(best {summary['best_accuracy']:.3f})",
         f"KL(mu || pi) per completion at the end of each of {len(kl)} stale cycles: mean {mean(kl):.3f}, "
