@@ -1321,7 +1321,8 @@ class Run:
     device: torch.device
     prompt_rng: random.Random
     ref_values: dict[str, float] = field(default_factory=dict)  # A*-PO's V_ref per prompt
-    totals: dict = field(default_factory=lambda: {"seconds": 0.0, "tokens": 0})  # of the steps: seconds, completion tokens
+    # the steps' wall-clock seconds and completion tokens so far
+    totals: dict = field(default_factory=lambda: {"seconds": 0.0, "tokens": 0})
     evals: list[float] = field(default_factory=list)            # greedy accuracy at each evaluation so far
     clock: float = field(default_factory=time.perf_counter)     # when the last step was logged
 

@@ -223,9 +223,9 @@ def format_bench(report: dict) -> str:
     if "peak_gpu_memory_gb" in r:
         lines.append(f"peak GPU memory: {r['peak_gpu_memory_gb']:.2f} GiB")
     if "largest_micro_batch" in r:
+        groups = "whole groups" if r["largest_micro_batch"] % r["group_size"] == 0 else "less than a group"
         lines.append(f"activations kept for backward: {r['activation_bytes_per_token'] / 1e6:.2f} MB per token; "
-                     f"--micro-batch {r['largest_micro_batch']} fits the budget"
-                     f"{' (whole groups)' if r['largest_micro_batch'] % r['group_size'] == 0 else ' (less than a group)'}")
+                     f"--micro-batch {r['largest_micro_batch']} fits the budget ({groups})")
     return "\n".join(lines)
 
 
