@@ -32,7 +32,8 @@ machinery: flags, loading and warm starts, the math-answer checker, the drop-in 
 starting and evaluating a run, run files and `main`. Experiments built on it live beside it:
 `experiments/compare.py` (grids of losses x lags x seeds, tables, plots), `experiments/targets.py`
 (eq. 2 solved exactly with Lambert's W, drawn for one group), `experiments/bench.py` (seconds per step,
-tokens/s, memory, MFU, the largest micro-batch that fits).
+tokens/s, memory, MFU, the largest micro-batch that fits), `experiments/curves.py` (a run's curves),
+`experiments/checker_agreement.py` (the math checker against Math-Verify's own test cases).
 
 What this file leaves out, on purpose:
   1. one optimizer step per sampled batch (no PPO epochs): pi/mu differs from 1 through the lag, and
@@ -1544,9 +1545,9 @@ def run_command(argv: list[str] | None, config_class, work, check=check_config, 
         return 2 if isinstance(error, UsageError) else 1
     except torch.cuda.OutOfMemoryError:
         print("error: out of GPU memory; give --micro-batch (the update's rows per pass; experiments/bench.py "
-              "--activation-budget GB finds the most that fit; --resume continues the run with it), or lower "
-              "--prompts-per-step, --group-size or --max-new-tokens (sampling keeps every completion's KV cache)",
-              file=sys.stderr)
+              "--micro-batch G --activation-budget GB finds the most that fit; --resume continues the run with "
+              "it), or lower --prompts-per-step, --group-size or --max-new-tokens (sampling keeps every "
+              "completion's KV cache)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)

@@ -260,7 +260,9 @@ def regime_diagnostics(advantages: torch.Tensor, rewards: torch.Tensor, beta: fl
     """The exact counterpart of the trainer's `regime_shares` (which logs only the sign of c, no solve): the share
     of groups per regime of eq. 2 (c > 0, c = 0, c < 0, and among c < 0 those collapsed onto one sample via W_-1),
     the target's largest probability, and P(correct) under mu, the nominal mu exp(A/beta) / Z and the induced
-    target, all on the empirical mu (uniform over each group's G samples). advantages, rewards: (groups, G)."""
+    target, all on the empirical mu (uniform over each group's G samples). advantages, rewards: (groups, G).
+    c = 0 here is the solver's (|log mean exp(A/beta)| below 1e-6), not `regime_shares`' round-off tolerance,
+    so a group within rounding of the boundary can count as c = 0 in one and not in the other."""
     target = induced_target(advantages, beta)
     induced = target.ratio / advantages.shape[-1]                         # (groups, G) pi = mu * ratio
     nominal = torch.softmax(advantages.double() / beta, dim=-1)
