@@ -563,8 +563,8 @@ class ModelsAndOptimizer:
 def prepare_models(cfg: Config, policy, tokenizer, device: torch.device, precision: str) -> ModelsAndOptimizer:
     """The policy on its device in eval mode (no dropout: the generator and the policy must compute the
     same log-probs), its generator mu, the reference pi_ref (A*-PO only) and the optimizer. With bf16 the
-    copies are stored in bf16 (half the memory): autocast rounds only matmul inputs, so a copy's norms and
-    embeddings are rounded where the policy's are not, and pi/mu is not exactly 1 right after a refresh
+    copies are stored in bf16 (half the memory): autocast rounds only what goes through a matmul, so a copy's
+    norms and embeddings are rounded where the policy's are not, and pi/mu is not exactly 1 right after a refresh
     (`log_ratio_abs_mean` at staleness 0 measures it)."""
     policy.to(device).eval()
     copy_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -580,8 +580,8 @@ def prepare_models(cfg: Config, policy, tokenizer, device: torch.device, precisi
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast: matmul inputs are rounded to bf16 (the weights stay fp32; log-softmax and losses run in
-    fp32), or a no-op for fp32."""
+    """bf16 autocast: matmuls run in bf16, inputs and outputs (the weights stay fp32; the logits are upcast, and
+    log-softmax and losses run in fp32), or a no-op for fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -1341,8 +1341,10 @@ def start_run(cfg: Config, problems: tuple[list, list] | None = None) -> tuple[R
     models = prepare_models(cfg, policy, tokenizer, device, precision)
     run = Run(cfg, models, tokenizer, train_problems, eval_problems, CHECKERS[cfg.checker], folder, source, device,
               prompt_rng=random.Random(cfg.seed))
-    start_step = run.folder.resume(run) if cfg.resume else 0
-    if not cfg.resume:
+    if cfg.resume:
+        start_step = run.folder.resume(run)
+    else:
+        start_step = 0
         run.evals.append(accuracy(run))
         run.folder.write_start(run)  # config.json, the step-0 line of metrics.jsonl, the first checkpoint
     run.clock = time.perf_counter()  # the first step's seconds start here
@@ -1375,7 +1377,8 @@ def log_step(run: Run, step: int, prompts: list[tuple[str, str]], result: StepRe
              step_accuracy: float | None) -> None:
     """The step's line of metrics.jsonl, with its wall-clock seconds (an evaluation's included), completion
     tokens per second and peak memory; at an evaluation its accuracy, samples and checkpoint."""
-    seconds, run.clock = time.perf_counter() - run.clock, time.perf_counter()
+    now = time.perf_counter()
+    seconds, run.clock = now - run.clock, now
     tokens = int(result.rollout.completion_mask.sum())
     run.totals["seconds"] += seconds
     run.totals["tokens"] += tokens
